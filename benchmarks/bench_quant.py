@@ -1,0 +1,97 @@
+"""Time lorabook.quant against bitsandbytes on one weight matrix (chapter 5).
+
+    .venv/bin/python benchmarks/bench_quant.py [--size 4096] [--repeats 15] [--dtypes float32,bfloat16]
+
+Both sides quantize (and dequantize) the same tensor; the calls alternate, ours then theirs,
+so a machine shared with other work slows both alike. Each row gives the median of the
+repeats and the ratio ours / bitsandbytes (below 1.0: ours is faster). Before timing, the
+outputs are checked to be identical, so the two sides do the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, or what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_pair(ours, theirs, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of two callables, run alternately."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours()
+        t_ours.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        theirs()
+        t_theirs.append(time.perf_counter() - start)
+    return statistics.median(t_ours), statistics.median(t_theirs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096, help="the weight is size x size")
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    from lorabook.quant import dequantize_nf4, quantize_nf4
+
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads "
+          f"{torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"bitsandbytes {bnb.__version__}")
+    print(f"W: {args.size} x {args.size}, NF4, blocksize {args.blocksize}, "
+          f"median of {args.repeats} alternating runs after {args.warmup} warm-up\n")
+    print(f"{'operation':<34}{'ours ms':>10}{'bnb ms':>10}{'ours/bnb':>10}")
+
+    torch.manual_seed(0)
+    bs = args.blocksize
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        W = torch.randn(args.size, args.size).to(dtype)
+        for dq in (False, True):
+            ours_q = lambda: quantize_nf4(W, bs, double_quant=dq)  # noqa: E731
+            bnb_q = lambda: BF.quantize_4bit(W, blocksize=bs, quant_type="nf4",  # noqa: E731
+                                             compress_statistics=dq)
+            packed, state = ours_q()
+            bpacked, bstate = bnb_q()
+            ours_d = lambda: dequantize_nf4(packed, state)  # noqa: E731
+            bnb_d = lambda: BF.dequantize_4bit(bpacked, bstate, quant_type="nf4")  # noqa: E731
+            if not (torch.equal(packed, bpacked) and torch.equal(ours_d(), bnb_d())):
+                raise RuntimeError("outputs differ from bitsandbytes: the timings would not compare")
+            label = f"{name}{' + DQ' if dq else ''}"
+            for op, ours, theirs in (("quantize", ours_q, bnb_q), ("dequantize", ours_d, bnb_d)):
+                t_ours, t_bnb = time_pair(ours, theirs, args.repeats, args.warmup)
+                print(f"{op + ' ' + label:<34}{1e3 * t_ours:>10.1f}{1e3 * t_bnb:>10.1f}"
+                      f"{t_ours / t_bnb:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The one training loop every chapter uses: seeded, with a progress bar, timing and memory (chapter 1).
+
+Full fine-tuning, LoRA, QLoRA, adapters and prefix tuning all go through ``train``: what differs
+between them is only which parameters have ``requires_grad=True``. The loop takes tokenised items
+(dicts of lists or tensors) and a ``collate_fn`` that turns a list of them into a batch of tensors
+the model's ``forward(**batch)`` accepts, returning an output with ``.loss``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lorabook import bench
+from lorabook.config import seed_everything
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run (chapter 1). Defaults suit LoRA on the 135M LM."""
+
+    steps: int = 60  # optimiser steps (one batch each)
+    lr: float = 2e-4  # peak AdamW learning rate (LoRA paper/QLoRA use 1e-4..2e-4; full FT ~1e-5..5e-5)
+    batch_size: int = 8  # items per step
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 5  # linear warm-up, then linear decay to 10% of lr
+    max_grad_norm: float | None = 1.0  # gradient clipping (QLoRA recipe: 0.3); None = off
+    eval_every: int = 0  # evaluate every N steps (0 = only after the last step)
+    seed: int = 0  # seeds data order, dropout and any fresh weights
+    optimizer: str = "adamw"  # "adamw" (torch) or "paged_adamw" (bitsandbytes, CUDA only)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    progress: bool = True  # show a tqdm progress bar
+    desc: str = "train"  # progress-bar label
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adamw", "paged_adamw"):
+            raise ValueError(f"optimizer must be 'adamw' or 'paged_adamw', got {self.optimizer!r}")
+
+
+@dataclass
+class History:
+    """What a run measured: per-step loss and time, evaluations, parameters, memory (chapter 1)."""
+
+    config: dict
+    loss: list[float] = field(default_factory=list)  # training loss per step
+    step_time_s: list[float] = field(default_factory=list)  # wall time per step, seconds
+    tokens: list[int] = field(default_factory=list)  # non-padding tokens per step
+    evals: list[dict] = field(default_factory=list)  # {"step": k, **metrics}
+    trainable_params: int = 0
+    total_params: int = 0
+    peak_memory_bytes: int = 0  # CUDA max allocated on GPU; process peak RSS on CPU
+    memory_increase_bytes: int = 0  # CPU: max RSS during training minus RSS before; GPU: peak - start
+    device: str = "cpu"
+    wall_time_s: float = 0.0
+
+    @property
+    def median_step_s(self) -> float:
+        """Median seconds per optimiser step (the first step, with its warm-up, included)."""
+        return statistics.median(self.step_time_s) if self.step_time_s else math.nan
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training throughput in non-padding tokens per second."""
+        return sum(self.tokens) / max(sum(self.step_time_s), 1e-12)
+
+    @property
+    def final_metrics(self) -> dict:
+        """The last evaluation's metrics (empty without an eval_fn)."""
+        return {k: v for k, v in self.evals[-1].items() if k != "step"} if self.evals else {}
+
+    def summary(self) -> dict:
+        """One flat row for a results table."""
+        return {
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_%": 100.0 * self.trainable_params / max(self.total_params, 1),
+            "first_loss": self.loss[0] if self.loss else math.nan,
+            "final_loss": statistics.mean(self.loss[-5:]) if self.loss else math.nan,
+            "median_step_s": self.median_step_s,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_memory_MB": self.peak_memory_bytes / 2**20,
+            "memory_increase_MB": self.memory_increase_bytes / 2**20,
+            **self.final_metrics,
+        }
+
+    def to_dict(self) -> dict:
+        """Everything, JSON-ready."""
+        return {**asdict(self), "summary": self.summary()}
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters counted once (chapter 1)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
+    if cfg.optimizer == "paged_adamw":
+        if device.type != "cuda":
+            raise ValueError("paged_adamw pages optimizer state between GPU and CPU memory: it needs "
+                             "CUDA. Use optimizer='adamw' on a CPU.")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        return 1.0 - 0.9 * (step - cfg.warmup_steps) / span
+
+    return f
+
+
+def batches(items: Sequence, batch_size: int, seed: int):
+    """Endless seeded shuffled batches over ``items``: a new permutation each epoch (chapter 1)."""
+    if len(items) < batch_size:
+        raise ValueError(f"{len(items)} training items cannot fill a batch of {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    while True:  # the last incomplete batch of each epoch is dropped
+        order = torch.randperm(len(items), generator=g).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [items[j] for j in order[i:i + batch_size]]
+
+
+def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
+          collate_fn: Callable[[list], dict],
+          eval_fn: Callable[[torch.nn.Module], dict] | None = None) -> History:
+    """Train the parameters of ``model`` that require grad; return the measured History (chapter 1)."""
+    seed_everything(config.seed)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    trainable, total = count_trainable(model)
+    hist = History(config=asdict(config), trainable_params=trainable, total_params=total,
+                   device=str(device))
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("gradient_checkpointing needs a transformers model")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    opt = _make_optimizer(params, config, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
+    stream = batches(items, config.batch_size, config.seed)
+    bench.reset_peak_memory(device)
+    sampler = bench.MemorySampler(device)
+    was_training = model.training
+    model.train()
+    t_start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress, leave=False)
+    with sampler:
+        for step in bar:
+            batch = {k: v.to(device) for k, v in collate_fn(next(stream)).items()}
+            t0 = time.perf_counter()
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            hist.step_time_s.append(time.perf_counter() - t0)
+            hist.loss.append(loss.item())
+            mask = batch.get("attention_mask")
+            hist.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+            bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
+            last = step + 1 == config.steps
+            if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                model.eval()
+                hist.evals.append({"step": step + 1, **eval_fn(model)})
+                model.train()
+    hist.wall_time_s = time.perf_counter() - t_start
+    hist.peak_memory_bytes = bench.peak_memory(device)
+    hist.memory_increase_bytes = sampler.increase_bytes
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.train(was_training)
+    return hist

@@ -1,0 +1,89 @@
+"""One palette and one style for every figure, readable on a projector (chapter 1).
+
+Figures double as slides: large fonts, thick lines, a title and labelled axes with units.
+Functions return the ``Figure``; they never call ``plt.show()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+
+# Colour-blind-safe (Okabe-Ito). The same method has the same colour in every chapter.
+PALETTE = {
+    "base": "#000000",  # the frozen pre-trained model
+    "full": "#0072B2",  # full fine-tuning
+    "lora": "#D55E00",  # LoRA
+    "qlora": "#CC79A7",  # QLoRA
+    "adapter": "#009E73",  # bottleneck adapter layers
+    "prefix": "#E69F00",  # prefix tuning
+    "nf4": "#CC79A7",
+    "fp4": "#56B4E9",
+    "int4": "#F0E442",
+    "random": "#999999",  # random baselines
+}
+SEQUENCE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+DIVERGING = "RdBu_r"  # heatmaps of signed weights, centred on zero
+
+STYLE = {
+    "figure.figsize": (9, 5),
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "font.size": 13,
+    "axes.titlesize": 15,
+    "axes.labelsize": 13,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "lines.linewidth": 2.2,
+    "legend.fontsize": 11,
+    "axes.prop_cycle": mpl.cycler(color=SEQUENCE),
+}
+
+
+def use_style() -> None:
+    """Apply the book's matplotlib style (the one global setting a chapter opts into) (chapter 1)."""
+    mpl.rcParams.update(STYLE)
+
+
+def color(name: str) -> str:
+    """The palette colour of a method name, e.g. ``color("lora")`` (chapter 1)."""
+    if name not in PALETTE:
+        raise ValueError(f"no palette colour for {name!r}; known: {sorted(PALETTE)}")
+    return PALETTE[name]
+
+
+def bar_chart(values: Mapping[str, float], title: str, ylabel: str,
+              colors: Sequence[str] | None = None, fmt: str = "{:.3g}", log: bool = False):
+    """A labelled bar chart with each bar's value printed on it (chapter 1)."""
+    with mpl.rc_context(STYLE):
+        fig, ax = plt.subplots()
+        names, vals = list(values), list(values.values())
+        bars = ax.bar(names, vals, color=colors or SEQUENCE[: len(vals)])
+        for b, v in zip(bars, vals, strict=True):
+            ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=11)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="x", visible=False)
+        fig.tight_layout()
+    return fig
+
+
+def loss_curves(histories: Mapping[str, Sequence[float]], title: str = "Training loss",
+                colors: Mapping[str, str] | None = None):
+    """Training loss per optimiser step for several runs on one axis (chapter 1)."""
+    with mpl.rc_context(STYLE):
+        fig, ax = plt.subplots()
+        for name, loss in histories.items():
+            ax.plot(range(1, len(loss) + 1), loss, label=name,
+                    color=(colors or {}).get(name))
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("cross-entropy loss (nats/token)")
+        ax.legend()
+        fig.tight_layout()
+    return fig
