@@ -67,16 +67,34 @@ def test_compare_latency_sequential_when_not_interleaved():
     assert res["b"].ratio_p10 is None  # no paired rounds without interleaving
 
 
-def test_compare_latency_ratios():
-    res = bench.compare_latency({"fast": spin(0.002), "slow": spin(0.004)}, baseline="fast",
-                                warmup=1, repeats=7)
+class FakeClock:
+    """A perf_counter stand-in: each variant 'takes' exactly its cost, so ratios are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, seconds: float):
+        def fn():
+            self.now += seconds
+        return fn
+
+
+def test_compare_latency_ratios(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    res = bench.compare_latency({"fast": clock.work(0.002), "slow": clock.work(0.004)},
+                                baseline="fast", warmup=1, repeats=7)
     assert res["fast"].ratio == 1.0
-    assert 1.5 < res["slow"].ratio < 2.6  # twice the work; generous for a busy 2-core machine
-    assert res["slow"].ratio_p10 <= res["slow"].ratio_p90
+    assert res["slow"].ratio == pytest.approx(2.0)  # twice the work, measured by the same clock
+    assert res["slow"].ratio_p10 == pytest.approx(2.0) and res["slow"].ratio_p90 == pytest.approx(2.0)
+    assert res["slow"].median_s == pytest.approx(0.004)
     assert bench.latency_ratio(res["slow"], res["fast"]) == res["slow"].ratio
     rows = bench.latency_table(res, unit="ms")
     assert [r["variant"] for r in rows] == ["fast", "slow"]
-    assert rows[1]["median_ms"] == pytest.approx(res["slow"].median_s * 1e3)
+    assert rows[1]["median_ms"] == pytest.approx(4.0)
 
 
 def test_compare_latency_rejects_bad_arguments():

@@ -36,11 +36,11 @@ class RunSettings:
 
 
 _SETTINGS = {
-    "fast": RunSettings("fast", train_steps=6, batch_size=4, n_train=64, n_eval=12,
-                        encoder_steps=10, encoder_train=256, encoder_eval=128,
+    "fast": RunSettings("fast", train_steps=4, batch_size=4, n_train=48, n_eval=8,
+                        encoder_steps=8, encoder_train=256, encoder_eval=128,
                         latency_repeats=5, seeds=1),
-    "cpu": RunSettings("cpu", train_steps=60, batch_size=8, n_train=600, n_eval=60,
-                       encoder_steps=150, encoder_train=2000, encoder_eval=500,
+    "cpu": RunSettings("cpu", train_steps=40, batch_size=8, n_train=600, n_eval=40,
+                       encoder_steps=80, encoder_train=2000, encoder_eval=500,
                        latency_repeats=15, seeds=2),
     "gpu": RunSettings("gpu", train_steps=400, batch_size=16, n_train=4000, n_eval=200,
                        encoder_steps=600, encoder_train=8000, encoder_eval=2000,

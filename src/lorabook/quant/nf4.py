@@ -187,19 +187,10 @@ def _pair_table(codebook: torch.Tensor) -> torch.Tensor:
 def decode_codes(packed: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """codebook[code] for every code of a packed tensor, fp32 of length 2 * bytes (chapter 5).
 
-    One gather decodes both nibbles of a byte: an int64 entry of the table is two fp32
-    values. Large tensors are read two bytes at a time from a 65,536-entry table of four
-    values (a complex128 entry is 16 bytes), halving the index that has to be built.
+    One gather decodes both nibbles of a byte: an int64 entry of the table is two fp32 values.
     """
-    flat = packed.reshape(-1)  # (bytes,) uint8
-    pair = _pair_table(codebook)  # (256,) int64
-    if (flat.numel() >= _FAST_MIN_NUMEL and flat.numel() % 2 == 0
-            and flat.storage_offset() % 2 == 0 and _LITTLE_ENDIAN):
-        # entry b0 + 256 * b1 of the table: the pair of byte b0 (first), then of byte b1
-        quad = torch.stack([pair.expand(256, 256), pair[:, None].expand(256, 256)], dim=2)
-        index = flat.view(torch.uint16).to(torch.int32)  # (bytes / 2,)
-        return quad.view(torch.complex128).reshape(-1).index_select(0, index).view(torch.float32)
-    return pair.index_select(0, flat.to(torch.int32)).view(torch.float32)
+    index = packed.reshape(-1).to(torch.int32)  # (bytes,)
+    return _pair_table(codebook).index_select(0, index).view(torch.float32)
 
 
 def dequantize_4bit(
