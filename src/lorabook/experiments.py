@@ -113,3 +113,104 @@ def linear_weight_names(model, layer_types: tuple[str, ...] = ("q_proj", "k_proj
     """Names of the decoder's linear weights of the given types, in layer order (chapter 2)."""
     return [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in layer_types]
+
+
+# ---------------------------------------------------------------- LoRA runs (chapter 3)
+
+LORA_LR = 2e-3  # AdamW lr for LoRA (r=8, alpha=16) on the 135M LM: ~40x FULL_FT_LR, tried in cpu mode
+LORA_R, LORA_ALPHA = 8, 16  # rank and alpha of the book's standard adapter (scaling alpha/r = 2)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj",  # every linear layer of each block:
+                "gate_proj", "up_proj", "down_proj")  # QLoRA found attention-only falls short
+
+
+def full_ft_record(settings: RunSettings | None = None, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Chapter 1's saved full fine-tuning run record (run.json), trained now if absent (chapter 3).
+
+    Unlike ``load_full_finetune`` it does not load the fine-tuned model when the run is saved.
+    """
+    settings = settings or get_settings()
+    out = full_ft_dir(settings, seed)
+    if not (out / "run.json").exists():
+        model, tokenizer = models.load_lm()
+        full_finetune(model, tokenizer, settings, seed, save=True, progress=progress)
+        del model
+    return json.loads((out / "run.json").read_text())
+
+
+def lora_dir(task: str = "loan_intent", settings: RunSettings | None = None, seed: int = 0) -> Path:
+    """Where the LoRA adapter of this task, setting and seed is saved (chapter 3)."""
+    settings = settings or get_settings()
+    if task not in ("loan_intent", "triage"):
+        raise ValueError(f"unknown task {task!r}; expected 'loan_intent' or 'triage'")
+    return models.cache_dir() / "runs" / f"lora_{task}_{settings.mode}_seed{seed}"
+
+
+def _lora_run_config(task: str, r: int, alpha: float, targets, lr: float, steps: int,
+                     batch_size: int, seed: int) -> dict:
+    """The settings that identify a cached LoRA run: a saved run is reused only if they all match."""
+    return {"task": task, "r": r, "alpha": alpha, "targets": sorted(targets), "lr": lr,
+            "steps": steps, "batch_size": batch_size, "seed": seed}
+
+
+def lora_finetune(model, tokenizer, task: str = "loan_intent", settings: RunSettings | None = None,
+                  r: int = LORA_R, alpha: float = LORA_ALPHA,
+                  targets: tuple[str, ...] | list[str] = LORA_TARGETS, lr: float = LORA_LR,
+                  steps: int | None = None, seed: int = 0, save: bool = True,
+                  evaluate: bool = True, progress: bool = True) -> tuple[History, dict]:
+    """Put LoRA on ``model`` in place and train it on ``task``; optionally save adapter + run.json (chapter 3).
+
+    Only A and B train (W0 frozen). ``steps`` defaults to ``settings.train_steps``. Returns the
+    History and the held-out scores (empty with ``evaluate=False``). The adapter is saved in
+    peft's format in ``lora_dir(task, settings, seed)`` with a run.json of its provenance,
+    replacing an earlier save: a cache of this very run.
+    """
+    from lorabook.adapter_io import save_adapter
+    from lorabook.config import seed_everything
+    from lorabook.lora import apply_lora
+
+    settings = settings or get_settings()
+    steps = settings.train_steps if steps is None else steps
+    d = task_data(tokenizer, task, settings, seed)
+    seed_everything(seed)  # A's random init
+    apply_lora(model, list(targets), r=r, alpha=alpha)
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=settings.batch_size, seed=seed,
+                      progress=progress, desc=f"LoRA r={r} on {task}")
+    hist = train(model, d["items"], cfg, collate_for(tokenizer))
+    scores = score(model, tokenizer, d["test"]) if evaluate else {}
+    if save:
+        out = lora_dir(task, settings, seed)
+        save_adapter(model, out, overwrite=True)
+        record = provenance({
+            "run": f"LoRA, {task}", "seed": seed,
+            "lora": _lora_run_config(task, r, alpha, targets, lr, steps, settings.batch_size, seed),
+            "train_config": asdict(cfg), "history": hist.to_dict(), "scores": scores})
+        (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    return hist, scores
+
+
+def load_lora_run(model, tokenizer, task: str = "loan_intent", settings: RunSettings | None = None,
+                  seed: int = 0, progress: bool = True, **lora_kwargs) -> tuple[object, dict]:
+    """(model with the saved LoRA adapter loaded, run record); trains and saves it first if absent (chapter 3).
+
+    ``lora_kwargs`` (r, alpha, targets, lr, steps) are those of ``lora_finetune``; a saved run made
+    with other settings is not reused but re-made.
+    """
+    from lorabook.adapter_io import load_adapter
+
+    settings = settings or get_settings()
+    kw = {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS, "lr": LORA_LR,
+          "steps": settings.train_steps, **lora_kwargs}
+    unknown = set(kw) - {"r", "alpha", "targets", "lr", "steps"}
+    if unknown:
+        raise TypeError(f"unexpected LoRA settings {sorted(unknown)}; expected r, alpha, targets, "
+                        "lr, steps")
+    wanted = _lora_run_config(task, kw["r"], kw["alpha"], kw["targets"], kw["lr"], kw["steps"],
+                              settings.batch_size, seed)
+    out = lora_dir(task, settings, seed)
+    record = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None
+    if record is not None and record.get("lora") == wanted:
+        load_adapter(model, out)
+        return model, record
+    lora_finetune(model, tokenizer, task, settings, seed=seed, save=True, progress=progress, **kw)
+    return model, json.loads((out / "run.json").read_text())
