@@ -146,10 +146,10 @@ def test_unknown_train_directly_raises(tiny_bert):
 def test_fraction_of_full_and_smallest_d():
     assert intrinsic.fraction_of_full(0.7, 0.8) == pytest.approx(0.875)
     assert intrinsic.fraction_of_full(0.7, 0.8, floor=0.5) == pytest.approx(2 / 3)
-    scores = {10: 0.55, 100: 0.66, 1000: 0.76}
+    scores = {10: 0.55, 100: 0.66, 1000: 0.76, 5000: 0.78}
     assert intrinsic.smallest_d(scores, 0.8) == 1000  # 0.66 / 0.8 = 0.825 < 0.9
     assert intrinsic.smallest_d(scores, 0.8, fraction=0.8) == 100
-    assert intrinsic.smallest_d(scores, 0.8, floor=0.5) == 1000
+    assert intrinsic.smallest_d(scores, 0.8, floor=0.5) == 5000  # (0.76 - 0.5) / 0.3 < 0.9
     assert intrinsic.smallest_d({10: 0.5}, 0.8) is None
     with pytest.raises(ValueError):
         intrinsic.fraction_of_full(0.5, 0.5, floor=0.5)

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from lorabook import serving
-from lorabook.lora import LoRALinear, apply_lora, lora_layers, lora_state_dict, merge_lora, save_adapter
+from lorabook.lora import (
+    LoRALinear,
+    apply_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft")
 

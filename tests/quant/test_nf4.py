@@ -24,7 +24,15 @@ from lorabook.quant import (  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # odd lengths, sizes that are not a multiple of the blocksize, rows shorter than a block
-SHAPES = [(37, 129), (4097,), (7, 96), (64, 64), (3, 5, 7)]
+SHAPES = [(37, 129), (4097,), (7, 96), (2, 5, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes():
+    """bnb's CPU dequantize falls back to a torch.compile'd function at blocksize >= 2048;
+    compiling it would cost these tests seconds per shape. Eager gives the same values."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def bnb_dequantize(packed: torch.Tensor, qs) -> torch.Tensor:
