@@ -1,6 +1,6 @@
 """Time lorabook.quant against bitsandbytes on one weight matrix (chapter 5).
 
-    .venv/bin/python benchmarks/bench_quant.py [--size 4096] [--repeats 15] [--dtypes float32,bfloat16]
+    .venv/bin/python benchmarks/bench_quant.py [--size 4096] [--repeats 15]
 
 Both sides quantize (and dequantize) the same tensor; the calls alternate, ours then theirs,
 so a machine shared with other work slows both alike. Each row gives the median of the
@@ -48,6 +48,33 @@ def time_pair(ours, theirs, repeats: int, warmup: int) -> tuple[float, float]:
     return statistics.median(t_ours), statistics.median(t_theirs)
 
 
+def time_one(W: torch.Tensor, bs: int, dq: bool, repeats: int, warmup: int):
+    """(operation, our median s, bnb median s) for quantize and dequantize of W."""
+    import bitsandbytes.functional as BF
+
+    from lorabook.quant import dequantize_nf4, quantize_nf4
+
+    def ours_q():
+        return quantize_nf4(W, bs, double_quant=dq)
+
+    def bnb_q():
+        return BF.quantize_4bit(W, blocksize=bs, quant_type="nf4", compress_statistics=dq)
+
+    packed, state = ours_q()
+    bpacked, bstate = bnb_q()
+
+    def ours_d():
+        return dequantize_nf4(packed, state)
+
+    def bnb_d():
+        return BF.dequantize_4bit(bpacked, bstate, quant_type="nf4")
+
+    if not (torch.equal(packed, bpacked) and torch.equal(ours_d(), bnb_d())):
+        raise RuntimeError("outputs differ from bitsandbytes: the timings would not compare")
+    return [("quantize", *time_pair(ours_q, bnb_q, repeats, warmup)),
+            ("dequantize", *time_pair(ours_d, bnb_d, repeats, warmup))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="the weight is size x size")
@@ -59,9 +86,6 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     import bitsandbytes as bnb
-    import bitsandbytes.functional as BF
-
-    from lorabook.quant import dequantize_nf4, quantize_nf4
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads "
           f"{torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}")
@@ -72,23 +96,11 @@ def main() -> None:
     print(f"{'operation':<34}{'ours ms':>10}{'bnb ms':>10}{'ours/bnb':>10}")
 
     torch.manual_seed(0)
-    bs = args.blocksize
     for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
-        W = torch.randn(args.size, args.size).to(dtype)
+        W = torch.randn(args.size, args.size).to(getattr(torch, name))
         for dq in (False, True):
-            ours_q = lambda: quantize_nf4(W, bs, double_quant=dq)  # noqa: E731
-            bnb_q = lambda: BF.quantize_4bit(W, blocksize=bs, quant_type="nf4",  # noqa: E731
-                                             compress_statistics=dq)
-            packed, state = ours_q()
-            bpacked, bstate = bnb_q()
-            ours_d = lambda: dequantize_nf4(packed, state)  # noqa: E731
-            bnb_d = lambda: BF.dequantize_4bit(bpacked, bstate, quant_type="nf4")  # noqa: E731
-            if not (torch.equal(packed, bpacked) and torch.equal(ours_d(), bnb_d())):
-                raise RuntimeError("outputs differ from bitsandbytes: the timings would not compare")
             label = f"{name}{' + DQ' if dq else ''}"
-            for op, ours, theirs in (("quantize", ours_q, bnb_q), ("dequantize", ours_d, bnb_d)):
-                t_ours, t_bnb = time_pair(ours, theirs, args.repeats, args.warmup)
+            for op, t_ours, t_bnb in time_one(W, args.blocksize, dq, args.repeats, args.warmup):
                 print(f"{op + ' ' + label:<34}{1e3 * t_ours:>10.1f}{1e3 * t_bnb:>10.1f}"
                       f"{t_ours / t_bnb:>9.2f}x")
 

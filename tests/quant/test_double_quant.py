@@ -38,7 +38,8 @@ def test_blockwise_8bit_is_byte_exact(n):
     bcodes, bstate = BF.quantize_blockwise(x, blocksize=256)
     assert codes.dtype == torch.uint8 and torch.equal(codes, bcodes)
     assert torch.equal(state2.absmax, bstate.absmax)
-    assert torch.equal(dequantize_blockwise_8bit(codes, state2), BF.dequantize_blockwise(bcodes, bstate))
+    expected = BF.dequantize_blockwise(bcodes, bstate)
+    assert torch.equal(dequantize_blockwise_8bit(codes, state2), expected)
 
 
 def test_bitsandbytes_cpu_rule_is_not_plain_nearest():

@@ -62,7 +62,8 @@ def test_fp4_large_weight_byte_exact():
     packed, state = quantize_4bit(W, "fp4", 64)
     bpacked, bstate = BF.quantize_4bit(W, blocksize=64, quant_type="fp4")
     assert torch.equal(packed, bpacked)
-    assert torch.equal(dequantize_4bit(packed, state), BF.dequantize_4bit(bpacked, bstate, quant_type="fp4"))
+    expected = BF.dequantize_4bit(bpacked, bstate, quant_type="fp4")
+    assert torch.equal(dequantize_4bit(packed, state), expected)
 
 
 def test_int4_closed_form():

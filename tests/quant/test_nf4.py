@@ -86,14 +86,16 @@ def test_byte_exact_with_bitsandbytes(shape, blocksize, dtype):
     assert out.dtype == dtype and out.shape == W.shape
     assert torch.equal(out, bnb_dequantize(bpacked, bstate))
     if shape[-1] % blocksize == 0:  # where bitsandbytes' own 2-D call is right, compare it too
-        assert torch.equal(out.reshape(-1), BF.dequantize_4bit(bpacked, bstate, quant_type="nf4").reshape(-1))
+        theirs = BF.dequantize_4bit(bpacked, bstate, quant_type="nf4")
+        assert torch.equal(out.reshape(-1), theirs.reshape(-1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_byte_exact_on_a_large_weight(dtype):
-    # large enough for the table-driven nearest-code path
+@pytest.mark.parametrize("shape,dtype", [((512, 1031), torch.float32),
+                                         ((2049, 2049), torch.bfloat16)], ids=str)
+def test_byte_exact_on_a_large_weight(shape, dtype):
+    # large enough for the table-driven nearest code, and (bf16) for dequantizing in slabs
     torch.manual_seed(1)
-    W = (torch.randn(512, 1031) * 0.02).to(dtype)
+    W = (torch.randn(shape) * 0.02).to(dtype)
     packed, state = quantize_nf4(W, 64)
     bpacked, bstate = BF.quantize_4bit(W, blocksize=64, quant_type="nf4")
     assert torch.equal(packed, bpacked) and torch.equal(state.absmax, bstate.absmax)
@@ -112,6 +114,8 @@ def test_fast_nearest_code_equals_bucketize_on_edge_values():
     expected = torch.bucketize(x, mids).to(torch.uint8)
     assert torch.equal(nearest_code(x, code), expected)
     assert torch.equal(nearest_code(x[:1000], code), expected[:1000])  # plain bucketize path
+    x2 = x[: (x.numel() // 2) * 2].view(2, -1)  # any shape
+    assert torch.equal(nearest_code(x2, code), expected[: x2.numel()].view(2, -1))
 
 
 def test_nearest_code_is_nearest():
@@ -175,13 +179,15 @@ def test_state_converts_both_ways(double_quant):
     # ours -> bitsandbytes: its dequantize reads our state
     qs = state.to_bnb()
     assert qs.nested == double_quant and qs.quant_type == "nf4"
-    assert torch.equal(BF.dequantize_4bit(packed, qs, quant_type="nf4"), dequantize_nf4(packed, state))
+    theirs = BF.dequantize_4bit(packed, qs, quant_type="nf4")
+    assert torch.equal(theirs, dequantize_nf4(packed, state))
     # bitsandbytes -> ours: we read its output
     bpacked, bstate = BF.quantize_4bit(W, blocksize=64, quant_type="nf4",
                                        compress_statistics=double_quant)
     ours = QuantState.from_bnb(bstate)
     assert ours.double_quant == double_quant and ours.shape == W.shape
-    assert torch.equal(dequantize_nf4(bpacked, ours), BF.dequantize_4bit(bpacked, bstate, quant_type="nf4"))
+    theirs = BF.dequantize_4bit(bpacked, bstate, quant_type="nf4")
+    assert torch.equal(dequantize_nf4(bpacked, ours), theirs)
 
 
 def test_bits_per_parameter():
@@ -216,6 +222,13 @@ def test_bad_input_raises_clear_errors():
         dequantize_nf4(packed[:-1], state)
     with pytest.raises(TypeError, match="uint8"):
         dequantize_nf4(packed.int(), state)
+
+
+def test_weight_that_requires_grad():
+    W = torch.randn(16, 64, requires_grad=True)
+    packed, state = quantize_nf4(W, 64, double_quant=True)
+    assert torch.equal(packed, quantize_nf4(W.detach(), 64)[0])
+    assert not dequantize_nf4(packed, state).requires_grad
 
 
 def test_all_zero_block_matches_bitsandbytes():

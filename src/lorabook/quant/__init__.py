@@ -20,6 +20,7 @@ from lorabook.quant.linear4bit import LinearNF4, quantize_model, quantized_bytes
 from lorabook.quant.nf4 import (
     ALLOWED_BLOCKSIZES,
     blockwise_scale,
+    decode_codes,
     dequantize_4bit,
     dequantize_nf4,
     nearest_code,
@@ -40,6 +41,7 @@ __all__ = [
     "bits_per_parameter",
     "blockwise_scale",
     "codebook",
+    "decode_codes",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
     "dequantize_nf4",
@@ -53,6 +55,7 @@ __all__ = [
     "quantize_4bit",
     "quantize_blockwise_8bit",
     "quantize_model",
+    "quantize_nf4",
     "quantize_with_codebook",
     "quantized_bytes",
     "unpack_4bit",

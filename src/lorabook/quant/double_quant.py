@@ -11,7 +11,8 @@ table built once per codebook: bin i holds the number of code midpoints below
 ``2 * i / 65535 - 1``. Near zero the dynamic map's codes are closer together than a bin
 (1e-6 vs 3e-5), so the result differs from nearest rounding there and at near-ties; a plain
 midpoint search disagrees on ~0.2 % of the absmax codes of a Gaussian weight. We reproduce
-the table, so the codes are byte-exact.
+the table, so the codes are byte-exact with bitsandbytes on CPU. (Its CUDA kernel searches
+the codebook instead; on a GPU expect a few absmax codes to differ from it.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ _LUT_BINS = 65536  # bins of bitsandbytes' CPU lookup table over [-1, 1]
 
 
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
-    """The signed dynamic 8-bit map (Dettmers 2015), as bitsandbytes' create_dynamic_map (chapter 5).
+    """The signed dynamic 8-bit map, as bitsandbytes' create_dynamic_map (chapter 5).
 
     For each decade 10^(i-6), i = 0..6, it holds the 2^i midpoints of a linear grid of 2^i + 1
     points in [0.1, 1] (positive and negative), then 0 and 1: 2 * 127 + 2 = 256 sorted values.
@@ -50,7 +51,7 @@ def _bnb_cpu_lut(codebook: torch.Tensor) -> torch.Tensor:
 def quantize_blockwise_8bit(
     x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE, codebook: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, DoubleQuantState]:
-    """Blockwise absmax 8-bit quantization of a 1-D fp32 tensor, byte-exact with bnb on CPU (chapter 5)."""
+    """Blockwise absmax 8-bit quantization, byte-exact with bitsandbytes on CPU (chapter 5)."""
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
     if x.numel() == 0 or blocksize <= 0:
@@ -75,7 +76,7 @@ def quantize_blockwise_8bit(
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, state: DoubleQuantState) -> torch.Tensor:
-    """Inverse of quantize_blockwise_8bit: codebook[code] * absmax of the block, fp32 (chapter 5)."""
+    """Inverse of quantize_blockwise_8bit: codebook[code] * absmax of its block (chapter 5)."""
     values = state.codebook[codes.long()]  # (n,) fp32
     n = values.numel()
     n_blocks = state.absmax.numel()

@@ -18,7 +18,7 @@ __all__ = ["codebook", "dequantize_4bit", "fp4_codebook", "int4_codebook", "quan
 
 
 def fp4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
-    """bitsandbytes' FP4 (E2M1) values in code order: index = sign | exponent(2) | mantissa(1) (chapter 5).
+    """bitsandbytes' FP4 (E2M1) in code order: sign | exponent (2 bits) | mantissa (chapter 5).
 
     With exponent field e and mantissa bit m, the magnitude is m / 16 when e = 0 (subnormal)
     and (1 + m / 2) * 2^(4 - e) otherwise (bitsandbytes' exponent order); then / 12.
@@ -31,7 +31,7 @@ def fp4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def int4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
-    """Symmetric Int4: codes 0..14 hold (i - 7) / 7; code 15 repeats 1.0 and is never chosen (chapter 5)."""
+    """Symmetric Int4: code i holds (i - 7) / 7; code 15 repeats 1.0, never chosen (chapter 5)."""
     levels = torch.arange(-7, 8, dtype=torch.float32) / 7  # (15,)
     return torch.cat([levels, torch.ones(1)]).to(device)  # (16,) sorted
 

@@ -22,13 +22,14 @@ _STATE_BUFFERS = ("weight_packed", "absmax", "codebook", "absmax_offset", "absma
 
 
 class LinearNF4(nn.Module):
-    """y = x W0^T + b with W0 stored in 4 bits (NF4 by default), dequantized in forward (chapter 5)."""
+    """y = x W0^T + b with W0 stored in 4 bits, dequantized in forward (chapter 5)."""
 
     def __init__(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None):
         super().__init__()
         if len(state.shape) != 2:
-            raise ValueError(f"expected the state of a 2-D weight (out, in), got shape {tuple(state.shape)}")
+            raise ValueError("expected the state of a 2-D weight (out, in), got shape "
+                             f"{tuple(state.shape)}")
         self.out_features, self.in_features = state.shape
         self.blocksize = state.blocksize
         self.quant_type = state.quant_type
@@ -42,7 +43,9 @@ class LinearNF4(nn.Module):
         self.register_buffer("absmax_offset", state.offset)  # () fp32 or None
         self.register_buffer("absmax2", dq.absmax if dq is not None else None)
         self.register_buffer("codebook2", dq.codebook if dq is not None else None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = None  # frozen, like W0
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -74,7 +77,8 @@ class LinearNF4(nn.Module):
         return F.linear(x.to(dtype), W, bias).to(x.dtype)  # (..., out)
 
     def _apply(self, fn, recurse=True):
-        state = {k: self._buffers.pop(k) for k in _STATE_BUFFERS if self._buffers.get(k) is not None}
+        state = {k: self._buffers.pop(k) for k in _STATE_BUFFERS
+                 if self._buffers.get(k) is not None}
         super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=state["weight_packed"].device)).device
         self._buffers.update({k: v.to(device) for k, v in state.items()})
@@ -93,7 +97,7 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
                    quant_type: str = "nf4", skip: tuple[str, ...] = ("lm_head",),
                    compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap every nn.Linear of ``model`` (in place) for a LinearNF4, except those named in ``skip`` (chapter 5).
+    """Swap the nn.Linear layers of ``model`` for LinearNF4, in place, except ``skip`` (chapter 5).
 
     A name in ``skip`` matches a module's full dotted name or its last part. Embeddings are
     not nn.Linear and stay as they are; lm_head is skipped unless ``skip`` leaves it out.
@@ -115,7 +119,7 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    """Bytes the model actually stores: parameters and buffers, shared tensors counted once (chapter 5)."""
+    """Bytes the model stores: parameters and buffers, shared tensors once (chapter 5)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)

@@ -4,7 +4,8 @@ The steps, each a few tensor operations over the whole weight (no Python loop ov
 
 1. flatten W row-major and cut it into blocks of ``blocksize`` values;
 2. absmax per block (fp32), scale the block by 1 / absmax into [-1, 1];
-3. nearest of the 16 code values, by ``torch.bucketize`` on the 15 midpoints;
+3. nearest of the 16 code values, by ``torch.bucketize`` on the 15 midpoints (large CPU
+   tensors take a table lookup on the float's top 16 bits that gives the same codes);
 4. pack two 4-bit codes per byte, the first element in the high nibble: shape ((n + 1) // 2, 1).
 
 Dequantizing reads ``codebook[code] * absmax`` in fp32 and casts to the original dtype. Every
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from lorabook.quant.double_quant import dequantize_blockwise_8bit, double_quantize
+from lorabook.quant.double_quant import double_quantize
 from lorabook.quant.state import QuantState
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit blocksizes
@@ -26,7 +27,8 @@ NF4_OFFSET = 0.9677083  # outermost quantile, mean of 1 - 1/30 and 1 - 1/32 (bit
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def nf4_codebook(offset: float = NF4_OFFSET, device: torch.device | str | None = None) -> torch.Tensor:
+def nf4_codebook(offset: float = NF4_OFFSET,
+                 device: torch.device | str | None = None) -> torch.Tensor:
     """The 16 NF4 values, derived from quantiles of N(0, 1) and normalised to [-1, 1] (chapter 5).
 
     8 positive values at the quantiles linspace(offset, 0.5, 9)[:-1], 7 negative ones at
@@ -42,7 +44,7 @@ def nf4_codebook(offset: float = NF4_OFFSET, device: torch.device | str | None =
 
 
 def check_input(W: torch.Tensor, blocksize: int) -> None:
-    """Raise TypeError/ValueError unless W is a non-empty finite float tensor and blocksize allowed (chapter 5)."""
+    """TypeError/ValueError unless W is a non-empty float tensor, blocksize allowed (chapter 5)."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(W).__name__}")
     if W.dtype not in FLOAT_DTYPES:
@@ -102,8 +104,9 @@ def nearest_code(scaled: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     so values a rounding error beyond them land there anyway.
     """
     midpoints, order = _sorted_midpoints(codebook)
-    if scaled.numel() >= _FAST_MIN_NUMEL and scaled.dtype == torch.float32 and _LITTLE_ENDIAN:
-        return _nearest_code_by_bits(scaled, midpoints, order)
+    if (scaled.numel() >= _FAST_MIN_NUMEL and scaled.dtype == torch.float32
+            and scaled.device.type == "cpu" and scaled.is_contiguous() and _LITTLE_ENDIAN):
+        return _nearest_code_by_bits(scaled.reshape(-1), midpoints, order).view(scaled.shape)
     idx = torch.bucketize(scaled, midpoints, out_int32=True)  # (n,) int32 in [0, 15]
     return order.to(torch.uint8)[idx]
 
@@ -143,7 +146,7 @@ def _nearest_code_by_bits(scaled: torch.Tensor, midpoints: torch.Tensor,
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, first element in the high nibble: shape ((n + 1) // 2, 1) (chapter 5)."""
+    """Two 4-bit codes per byte, the first in the high nibble: ((n + 1) // 2, 1) (chapter 5)."""
     codes = codes.to(torch.uint8)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
@@ -158,11 +161,12 @@ def unpack_4bit(packed: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return codes if n is None else codes[:n]
 
 
+@torch.no_grad()
 def quantize_with_codebook(
     W: torch.Tensor, codebook: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
     quant_type: str = "nf4",
 ) -> tuple[torch.Tensor, QuantState]:
-    """Blockwise absmax 4-bit quantization of W with any 16-entry codebook in [-1, 1] (chapter 5)."""
+    """Blockwise absmax 4-bit quantization of W with a 16-value codebook in [-1, 1] (chapter 5)."""
     check_input(W, blocksize)
     if codebook.numel() != 16:
         raise ValueError(f"expected a codebook of 16 values, got {codebook.numel()}")
@@ -184,19 +188,40 @@ def _pair_table(codebook: torch.Tensor) -> torch.Tensor:
     return pairs.contiguous().view(torch.int64).reshape(256)
 
 
-def decode_codes(packed: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def decode_codes(packed: torch.Tensor, codebook: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """codebook[code] for every code of a packed tensor, fp32 of length 2 * bytes (chapter 5).
 
     One gather decodes both nibbles of a byte: an int64 entry of the table is two fp32 values.
     """
     index = packed.reshape(-1).to(torch.int32)  # (bytes,)
-    return _pair_table(codebook).index_select(0, index).view(torch.float32)
+    table = _pair_table(codebook)  # (256,) int64
+    if out is None:
+        return table.index_select(0, index).view(torch.float32)
+    torch.index_select(table, 0, index, out=out.view(torch.int64))
+    return out
 
 
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                  out: torch.Tensor) -> None:
+    # out = values * absmax of their block, values starting on a block boundary; the product
+    # is fp32 and rounds once to out's dtype (as bitsandbytes).
+    m = out.numel()
+    k = m // blocksize
+    full = k * blocksize
+    torch.mul(values[:full].view(k, blocksize), absmax[:k, None], out=out[:full].view(k, blocksize))
+    if full < m:
+        torch.mul(values[full:m], absmax[k], out=out[full:m])
+
+
+_SLAB = 1 << 22  # values decoded at a time for fp16/bf16 output: a 16 MB fp32 buffer
+
+
+@torch.no_grad()
 def dequantize_4bit(
     packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """W from packed codes and state: codebook[code] * absmax, then cast to the state's dtype (chapter 5).
+    """W from packed codes and state: codebook[code] * absmax, in the state's dtype (chapter 5).
 
     ``dtype`` overrides the output dtype (the product is still formed in fp32).
     """
@@ -209,16 +234,21 @@ def dequantize_4bit(
     dtype = state.dtype if dtype is None else dtype
     absmax = state.absmax_fp32()  # (n_blocks,)
     bs = state.blocksize
-    n_full = n // bs
-    full = n_full * bs
-    values = decode_codes(packed, state.codebook)  # (n_even,) fp32
-    out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)
-    # fp32 product, rounded once to dtype on the way out (as bitsandbytes)
-    torch.mul(values[:full].view(n_full, bs), absmax[:n_full, None],
-              out=out[:full].view(n_full, bs))
-    if full < n:
-        torch.mul(values[full:n], absmax[n_full], out=out[full:n])
-    return out[:n].view(state.shape)
+    if dtype == torch.float32:  # decode into the output itself, then scale it in place
+        values = decode_codes(packed, state.codebook)  # (n_even,)
+        _scale_blocks(values, absmax, bs, values[:n])
+        return values[:n].view(state.shape)
+    # fp16/bf16: decode slab by slab into one fp32 buffer and scale into the output, so no
+    # full-size fp32 copy is ever made
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    flat = packed.reshape(-1)
+    buffer = torch.empty(min(_SLAB, n + 1), dtype=torch.float32, device=packed.device)
+    for start in range(0, n, _SLAB):  # _SLAB is a multiple of every blocksize
+        stop = min(start + _SLAB, n)
+        chunk = flat[start // 2:(stop + 1) // 2]
+        values = decode_codes(chunk, state.codebook, out=buffer[:2 * chunk.numel()])
+        _scale_blocks(values, absmax[start // bs:], bs, out[start:stop])
+    return out.view(state.shape)
 
 
 def quantize_nf4(
@@ -230,5 +260,5 @@ def quantize_nf4(
 
 
 def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """Inverse of quantize_nf4: the dequantized tensor in the original shape and dtype (chapter 5)."""
+    """Inverse of quantize_nf4: the tensor back in its original shape and dtype (chapter 5)."""
     return dequantize_4bit(packed, state)

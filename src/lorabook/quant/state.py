@@ -19,7 +19,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4")  # the 4-bit formats this package builds (c
 class DoubleQuantState:
     """Second-level state of double quantization: the absmax of the absmax blocks (chapter 5)."""
 
-    absmax: torch.Tensor  # (ceil(n_blocks / blocksize),) fp32: absmax of each block of absmax - offset
+    absmax: torch.Tensor  # (ceil(n_blocks / blocksize),) fp32 absmax of (absmax - offset) blocks
     codebook: torch.Tensor  # (256,) fp32: the signed dynamic 8-bit map
     blocksize: int = 256  # absmax values per second-level block (QLoRA and bitsandbytes use 256)
 
