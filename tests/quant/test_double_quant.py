@@ -104,3 +104,14 @@ def test_bad_input():
         quantize_blockwise_8bit(torch.ones(10, dtype=torch.int64))
     with pytest.raises(ValueError):
         quantize_blockwise_8bit(torch.ones(0))
+
+
+def test_cuda_rounding_rule_is_a_binary_search_for_the_nearest_code():
+    """The CUDA path's search (run here on CPU tensors) picks the nearest code; NaN gives code 0."""
+    from lorabook.quant.double_quant import _bnb_cuda_search, dynamic_map
+
+    codebook = dynamic_map()
+    x = torch.cat([torch.randn(20000).clamp(-1, 1), codebook, torch.tensor([-1.0, 1.0])])
+    midpoints = (codebook[:-1] + codebook[1:]) / 2
+    assert torch.equal(_bnb_cuda_search(x, codebook), torch.bucketize(x, midpoints).to(torch.uint8))
+    assert _bnb_cuda_search(torch.tensor([float("nan")]), codebook).item() == 0

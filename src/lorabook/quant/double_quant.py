@@ -11,8 +11,10 @@ table built once per codebook: bin i holds the number of code midpoints below
 ``2 * i / 65535 - 1``. Near zero the dynamic map's codes are closer together than a bin
 (1e-6 vs 3e-5), so the result differs from nearest rounding there and at near-ties; a plain
 midpoint search disagrees on ~0.2 % of the absmax codes of a Gaussian weight. We reproduce
-the table, so the codes are byte-exact with bitsandbytes on CPU. (Its CUDA kernel searches
-the codebook instead; on a GPU expect a few absmax codes to differ from it.)
+the table, so the codes are byte-exact with bitsandbytes on CPU. Its CUDA kernel
+(``dQuantize`` in ``csrc/kernels.cu``) instead runs a 7-step binary search over the codebook and
+then picks the nearer neighbour by midpoint; on a CUDA tensor we run that same search,
+vectorised, so each device matches bitsandbytes' kernel for that device.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ def _bnb_cpu_lut(codebook: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(bin_value, mids).to(torch.uint8)  # number of midpoints < value
 
 
+def _bnb_cuda_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CUDA rounding: binary search from code 127, then the nearer neighbour (chapter 5)."""
+    pivot = torch.full_like(x, 127, dtype=torch.int64)
+    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
+    lower, upper = torch.full_like(x, -1.0), torch.full_like(x, 1.0)
+    val = codebook[pivot]
+    step = 64
+    while step > 0:  # 7 steps over all elements at once: no loop over blocks
+        right = x > val
+        lower_pivot, lower = torch.where(right, pivot, lower_pivot), torch.where(right, val, lower)
+        upper_pivot, upper = torch.where(right, upper_pivot, pivot), torch.where(right, upper, val)
+        pivot = torch.where(right, pivot + step, pivot - step)
+        val = codebook[pivot]
+        step //= 2
+    upper = torch.where(upper_pivot == 255, codebook[255], upper)
+    lower = torch.where(lower_pivot == 0, codebook[0], lower)
+    right = x > val
+    up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
+    down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
+    return torch.where(right, up, down).to(torch.uint8)
+
+
 def quantize_blockwise_8bit(
     x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE, codebook: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, DoubleQuantState]:
@@ -66,6 +90,9 @@ def quantize_blockwise_8bit(
     blocks = flat.view(n_blocks, blocksize)  # (n_blocks2, 256)
     absmax = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)  # (n_blocks2,)
     scaled = (blocks * (1.0 / absmax)[:, None]).clamp_(-1.0, 1.0)
+    if x.is_cuda:  # bitsandbytes' CUDA kernel searches the codebook (an all-zero block's NaN -> code 0)
+        codes = _bnb_cuda_search(blocks * (1.0 / absmax)[:, None], codebook)
+        return codes.reshape(-1)[:n], DoubleQuantState(absmax, codebook, blocksize)
     half = (scaled + 1.0) * 0.5  # fp32, as the C code
     # fma(half, 65535, 0.5) rounds once: the product is exact in float64, the sum too.
     bins = (half.double() * float(_LUT_BINS - 1) + 0.5).float()
