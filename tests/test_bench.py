@@ -108,6 +108,46 @@ def test_compare_latency_rejects_bad_arguments():
         bench.latency_table({}, unit="minutes")
 
 
+class CountingLM(nn.Module):
+    """Wraps an LM: records each call's input shape and grad mode, and 'takes' ``cost`` on a clock."""
+
+    def __init__(self, lm, clock=None, cost=0.0):
+        super().__init__()
+        self.model, self.clock, self.cost, self.calls = lm, clock, cost, []
+
+    def forward(self, input_ids):
+        self.calls.append((tuple(input_ids.shape), torch.is_grad_enabled(), input_ids.max().item()))
+        if self.clock is not None:
+            self.clock.now += self.cost
+        return self.model(input_ids=input_ids)
+
+
+def test_compare_forward_latency_times_each_model_on_one_batch(tiny_llama, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    plain, slow = CountingLM(tiny_llama, clock, 0.010), CountingLM(tiny_llama, clock, 0.013)
+    res = bench.compare_forward_latency({"plain": plain, "slow": slow}, batch_size=3, seq_len=5,
+                                        baseline="plain", warmup=2, repeats=4)
+    for m in (plain, slow):
+        assert len(m.calls) == 2 + 4  # warm-up + timed calls
+        assert all(shape == (3, 5) and not grad and top < 128 for shape, grad, top in m.calls)
+    assert res["plain"].ratio == 1.0 and res["slow"].ratio == pytest.approx(1.3)
+    assert res["slow"].median_s == pytest.approx(0.013)
+
+
+def test_compare_forward_latency_rejects_bad_arguments(tiny_llama):
+    with pytest.raises(ValueError, match="batch_size"):
+        bench.compare_forward_latency({"a": tiny_llama}, 0, 4, "a")
+    with pytest.raises(ValueError, match="seq_len"):
+        bench.compare_forward_latency({"a": tiny_llama}, 1, 2.5, "a")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        bench.compare_forward_latency({"a": lambda: None}, 1, 4, "a")
+    with pytest.raises(ValueError, match="vocab_size"):
+        bench.compare_forward_latency({"a": nn.Linear(2, 2)}, 1, 4, "a")
+    with pytest.raises(ValueError, match="baseline"):
+        bench.compare_forward_latency({"a": tiny_llama}, 1, 4, "b")
+
+
 # ----------------------------------------------------------------------------- model bytes
 
 

@@ -123,6 +123,8 @@ def test_merged_model_equals_the_wrapped_forward(tiny_bert):
         expected = wrapped(**batch).logits
         merged = wrapped.merged_model()
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-6, rtol=1e-6)
+        assert torch.equal(wrapped.z, torch.zeros(4))  # theta0 is now the merged weights
+        torch.testing.assert_close(wrapped(**batch).logits, expected, atol=1e-6, rtol=1e-6)
     assert merged is tiny_bert
 
 

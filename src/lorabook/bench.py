@@ -165,6 +165,45 @@ def latency_table(results: dict[str, LatencyResult], unit: str = "ms") -> list[d
     ]
 
 
+def compare_forward_latency(models: dict[str, nn.Module], batch_size: int, seq_len: int,
+                            baseline: str, warmup: int = 1, repeats: int = 10,
+                            vocab_size: int | None = None, seed: int = 0) -> dict[str, LatencyResult]:
+    """Interleaved forward-pass latency of several LMs on one random (B, T) batch of tokens (chapter 1).
+
+    Each model is called as ``model(input_ids=ids)`` under ``torch.inference_mode()``, with the
+    same ids on its own device; ``vocab_size`` defaults to the first model's ``config.vocab_size``.
+    Returns ``compare_latency``'s results (median seconds, ratio to ``baseline``).
+    """
+    if not models:
+        raise ValueError("models must name at least one model to time")
+    for name, m in models.items():
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"model {name!r} must be a torch.nn.Module, got {type(m).__name__}")
+    for arg, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {v!r}")
+    if vocab_size is None:
+        first = next(iter(models.values()))
+        vocab_size = getattr(getattr(first, "config", None), "vocab_size", None)
+        if vocab_size is None and hasattr(first, "model"):  # a wrapper such as PrefixTuning
+            vocab_size = getattr(getattr(first.model, "config", None), "vocab_size", None)
+        if vocab_size is None:
+            raise ValueError("cannot read config.vocab_size from the first model; pass vocab_size")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)  # (B, T)
+
+    def forward(model: nn.Module) -> Callable[[], object]:
+        x = ids.to(next(model.parameters()).device)
+
+        def fn():
+            with torch.inference_mode():
+                return model(input_ids=x)
+        return fn
+
+    fns = {name: forward(m) for name, m in models.items()}
+    return compare_latency(fns, baseline, warmup=warmup, repeats=repeats)
+
+
 # ----------------------------------------------------------------------------- model bytes
 
 

@@ -154,9 +154,9 @@ class IntrinsicModel(nn.Module):
 
     def projected_weights(self) -> dict[str, torch.Tensor]:
         """{name: theta0 + P z} for every projected parameter (differentiable in z)."""
-        params = dict(self.model.named_parameters())
         if self.projection is None:
             return {}
+        params = dict(self.model.named_parameters())
         return {n: params[n] + delta for n, delta in self.projection(self.z).items()}
 
     def forward(self, *args, **kwargs):
@@ -165,7 +165,10 @@ class IntrinsicModel(nn.Module):
 
     @torch.no_grad()
     def merged_model(self) -> nn.Module:
-        """Write theta0 + P z into the wrapped model's parameters and return it (chapter 2)."""
+        """Write theta0 + P z into the wrapped model's parameters and return it (chapter 2).
+
+        z is reset to 0 afterwards, so the wrapper still computes the same function.
+        """
         for name, value in self.projected_weights().items():
             self.model.get_parameter(name).copy_(value)
         self.z.zero_()

@@ -154,7 +154,8 @@ def load_multi_lora(model: nn.Module, adapters: Mapping[str, str | os.PathLike])
     """Wrap every layer any adapter targets in a MultiLoRALinear holding all of them (chapter 3).
 
     ``adapters`` maps a name to a peft-format folder (``lora.save_adapter`` or peft's
-    ``save_pretrained``). The model must be the plain base the adapters were trained on.
+    ``save_pretrained``). The model must be the plain base the adapters were trained on; it is
+    changed in place (and frozen: this is for inference).
     """
     if not adapters:
         raise ValueError("adapters must name at least one adapter folder")

@@ -117,3 +117,19 @@ def test_save_animation_formats(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="ffmpeg"):
         save_animation(anim, tmp_path / "a.mp4")
     assert save_animation(anim, tmp_path / "a.GIF", dpi=20).stat().st_size > 0
+
+
+def test_to_jshtml_embeds_every_frame_at_the_given_dpi():
+    import base64
+    import io
+    import re
+
+    anim = svd_approximation_animation(torch.randn(12, 10), ranks=(1, 2, 10))
+    html = animations.to_jshtml(anim, dpi=20)
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=\\\n]+)", html)  # JS lines end in \
+    assert len(pngs) == 3
+    first = re.sub(r"[\\\n]", "", pngs[0])
+    with Image.open(io.BytesIO(base64.b64decode(first))) as frame:
+        assert frame.size == (17 * 20, round(6.5 * 20))  # figsize (17, 6.5) inches at 20 dpi
+    with pytest.raises(ValueError, match="dpi"):
+        animations.to_jshtml(anim, dpi=0)
