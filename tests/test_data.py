@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -28,35 +29,6 @@ from lorabook.data import (
     triage_task,
 )
 from lorabook.task_templates import AMOUNT_WORDS, URGENCY_CUES
-
-SMOL_CHAT_TEMPLATE = (  # SmolLM2-Instruct's template (ChatML), as its tokenizer ships it
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def make_char_tokenizer():
-    """A 128-token character-level tokenizer with SmolLM2's special tokens and chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0, 1, 2, 3 as in tiny_llama
-    chars = [chr(i) for i in range(32, 127)] + ["\n"] + [chr(i) for i in range(161, 189)]  # has £
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", unk_token="<unk>")
-    fast.chat_template = SMOL_CHAT_TEMPLATE
-    return fast
-
-
-@pytest.fixture(scope="module")
-def char_tok():
-    return make_char_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +154,7 @@ def test_prompt_is_system_user_then_open_assistant_turn(char_tok):
     prompt = build_prompt(char_tok, e)
     assert prompt == (f"<|im_start|>system\n{SYSTEM_PROMPTS['loan_intent']}<|im_end|>\n"
                       f"<|im_start|>user\n{e.message}<|im_end|>\n<|im_start|>assistant\n")
-    char_tok_no_template = make_char_tokenizer()
+    char_tok_no_template = copy.deepcopy(char_tok)
     char_tok_no_template.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         build_prompt(char_tok_no_template, e)

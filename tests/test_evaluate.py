@@ -20,31 +20,6 @@ from lorabook.evaluate import (
     score_task,
 )
 
-SMOL_CHAT_TEMPLATE = (  # SmolLM2-Instruct's template (ChatML)
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def char_tok():
-    """A 128-token character-level tokenizer with SmolLM2's special tokens (ids 0-3 as in tiny_llama)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"] + [chr(i) for i in range(161, 189)]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", unk_token="<unk>")
-    fast.chat_template = SMOL_CHAT_TEMPLATE
-    return fast
-
 
 @pytest.fixture
 def lively_llama(tiny_llama):

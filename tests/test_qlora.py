@@ -19,6 +19,7 @@ from lorabook.qlora import (
     architecture_from_config,
     bnb_quantize_model,
     compare_with_bnb,
+    heldout_metrics,
     load_bnb_4bit,
     lora_parameters,
     memory_breakdown,
@@ -409,3 +410,103 @@ def test_peft_merge_into_4bit_is_our_requantized_merge(llama64):
         merged_twin = twin.merge_and_unload()
     merged = merge_qlora(copy.deepcopy(ours), into="quantized", requantize=True)
     assert compare_with_bnb(merged, merged_twin)["identical"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_model_on_cuda_puts_adapters_beside_the_codes(tiny_llama):
+    model = qlora_model(tiny_llama.to("cuda"), r=4, alpha=8)
+    assert all(layer.A.is_cuda and layer.B.is_cuda for _, layer in lora_layers(model))
+    ids = _ids().cuda()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.slow
+def test_the_book_model_is_the_published_smollm2_135m():
+    from transformers import AutoConfig
+
+    from lorabook import models
+
+    arch = architecture_from_config(AutoConfig.from_pretrained(models.lm_path()))
+    published = ARCHITECTURES["SmolLM2-135M"]
+    fields = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "tied")
+    assert [getattr(arch, f) for f in fields] == [getattr(published, f) for f in fields]
+
+
+def _items_from(ids: torch.Tensor, prompt: int) -> list[dict]:
+    return [{"input_ids": row.tolist(), "labels": [-100] * prompt + row[prompt:].tolist()}
+            for row in ids]
+
+
+def _collate(items):
+    ids = torch.tensor([it["input_ids"] for it in items])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([it["labels"] for it in items])}
+
+
+def test_heldout_metrics_loss_is_the_models_loss(tiny_llama):
+    items = _items_from(_ids(shape=(3, 12)), prompt=5)
+    batch = _collate(items)
+    with torch.no_grad():
+        expected = tiny_llama(**batch).loss.item()
+    got = heldout_metrics(tiny_llama, items, _collate, batch_size=3)
+    assert got["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_heldout_metrics_exact_means_greedy_writes_the_target(tiny_llama):
+    ids = _ids(shape=(2, 6))
+    with torch.no_grad():  # greedy continuation of 6 prompt tokens, 4 tokens long
+        out = tiny_llama.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=4, do_sample=False, pad_token_id=0)
+    items = _items_from(out, prompt=6)
+    greedy = heldout_metrics(tiny_llama, items, _collate)
+    assert greedy["exact"] == 1.0 and greedy["token_accuracy"] == 1.0
+    items[1]["input_ids"][-1] = (items[1]["input_ids"][-1] + 1) % 128  # one wrong target token
+    items[1]["labels"][-1] = items[1]["input_ids"][-1]
+    assert heldout_metrics(tiny_llama, items, _collate)["exact"] == 0.5
+
+
+# ----------------------------------------------------------------------------- other 4-bit bases
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_qlora_model_quant_type_sets_the_format_of_the_base(tiny_llama, quant_type):
+    from lorabook.quant import dequantize_4bit, quantize_4bit
+
+    original = copy.deepcopy(tiny_llama)
+    kwargs = {} if quant_type == "nf4" else {"quant_type": quant_type}  # nf4 is the default
+    qlora_model(tiny_llama, r=4, alpha=8, **kwargs)
+    layers = dict(lora_layers(tiny_llama))
+    assert len(layers) == 2 * len(TARGETS)
+    for name, layer in layers.items():
+        assert type(layer.base_layer) is LinearNF4Recompute
+        assert layer.base_layer.quant_type == quant_type
+        W0 = original.get_submodule(name).weight.detach()
+        expected = dequantize_4bit(*quantize_4bit(W0, quant_type, 64, double_quant=True))
+        torch.testing.assert_close(layer.base_layer.dequantized_weight(torch.float32), expected,
+                                   rtol=0, atol=0)
+    trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".A", ".B")) for n in trainable)
+
+
+def test_qlora_model_fp4_base_is_bitsandbytes_fp4(tiny_llama):
+    import bitsandbytes.functional as BF
+
+    W0 = tiny_llama.model.layers[0].mlp.up_proj.weight.detach().clone()  # (64, 32)
+    qlora_model(tiny_llama, r=4, alpha=8, quant_type="fp4", double_quant=False)
+    ours = tiny_llama.model.layers[0].mlp.up_proj.base_layer
+    packed, state = BF.quantize_4bit(W0, blocksize=64, quant_type="fp4", compress_statistics=False)
+    assert torch.equal(ours.weight_packed.reshape(-1), packed.reshape(-1))
+    assert torch.equal(ours.absmax, state.absmax)
+    # bitsandbytes' 2-D CPU dequantize mis-scales rows shorter than a block: ask for the flat tensor
+    flat = BF.QuantState(absmax=state.absmax, shape=torch.Size([W0.numel()]), code=state.code,
+                         blocksize=64, quant_type="fp4", dtype=state.dtype)
+    theirs = BF.dequantize_4bit(packed, flat, quant_type="fp4").reshape(W0.shape)
+    torch.testing.assert_close(ours.dequantized_weight(torch.float32), theirs, rtol=0, atol=1e-6)
+
+
+def test_qlora_model_rejects_an_unknown_format_before_touching_the_model(tiny_llama):
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        qlora_model(tiny_llama, quant_type="nf8")
+    assert not any(isinstance(m, LinearNF4) for m in tiny_llama.modules())
+    assert not list(lora_layers(tiny_llama))

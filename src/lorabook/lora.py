@@ -47,7 +47,24 @@ def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(ins, int) and isinstance(outs, int)
 
 
-class LoRALinear(nn.Module):
+class WrapsLinear(nn.Module):
+    """A module around a frozen ``base_layer`` that code reading ``.weight``/``.bias`` can treat
+    as that layer (chapter 2)."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (W0, or W0 + delta_W once merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (LoRA adds none)."""
+        return getattr(self.base_layer, "bias", None)
+
+
+class LoRALinear(WrapsLinear):
     """A frozen linear layer plus a trainable update: base(x) + scaling * B A x (chapter 2).
 
     ``base`` is an ``nn.Linear``, or any module with ``in_features``/``out_features`` (such as
@@ -90,16 +107,6 @@ class LoRALinear(nn.Module):
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (W0, or W0 + delta_W once merged), for code reading .weight."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias (LoRA adds none)."""
-        return getattr(self.base_layer, "bias", None)
 
     def delta_weight(self) -> torch.Tensor:
         """delta_W = scaling * B @ A, shape (out, in), computed in fp32 (chapter 2)."""

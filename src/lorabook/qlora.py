@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabook.lora import LoRALinear, apply_lora
-from lorabook.quant import LinearNF4, quantize_model
+from lorabook.quant import QUANT_TYPES, LinearNF4, quantize_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj",  # all linear layers of a block
            "gate_proj", "up_proj", "down_proj")
@@ -128,17 +128,25 @@ def recompute_in_backward(model: nn.Module) -> nn.Module:
 def qlora_model(model: nn.Module, r: int = 8, alpha: float = 16,
                 targets: Sequence[str] = TARGETS, blocksize: int = 64,
                 double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",),
-                recompute: bool = True) -> nn.Module:
+                recompute: bool = True, quant_type: str = "nf4") -> nn.Module:
     """QLoRA in place: linear layers to NF4 (+ double quant), LoRA on ``targets`` (chapter 6).
 
     Every nn.Linear but ``skip`` is quantized (also those LoRA does not adapt: they are frozen
     either way); A and B stay fp32. ``recompute=True`` uses LinearNF4Recompute for the base.
-    Seed before calling: A is initialised randomly.
+    ``quant_type`` ("nf4", "fp4" or "int4") picks the 4-bit format of the frozen base, so that
+    chapter 7 can put LoRA on an FP4 or Int4 base too. Seed before calling: A is initialised randomly.
     """
-    quantize_model(model, blocksize=blocksize, double_quant=double_quant, skip=skip)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    quantize_model(model, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
+                   skip=skip)
     if recompute:
         recompute_in_backward(model)
-    return apply_lora(model, list(targets), r=r, alpha=alpha)
+    apply_lora(model, list(targets), r=r, alpha=alpha)
+    for module in model.modules():  # LoRALinear takes its device from base.weight, which
+        if isinstance(module, LoRALinear):  # a 4-bit layer lacks: put A, B beside the codes
+            module.to(module.base_layer.weight_packed.device)
+    return model
 
 
 def memory_breakdown(model: nn.Module) -> dict[str, int]:
@@ -367,21 +375,36 @@ def _inside_lora(name: str, modules: dict) -> bool:
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, items: Sequence[dict], collate_fn, batch_size: int = 8) -> float:
-    """Mean cross-entropy per target token on tokenised held-out items (chapter 6)."""
+def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
+                    batch_size: int = 8) -> dict[str, float]:
+    """Teacher-forced scores on tokenised held-out items, one forward pass per batch (chapter 6).
+
+    ``loss``: cross-entropy per target token. ``token_accuracy``: share of target tokens that are
+    the model's top prediction given the true prefix. ``exact``: share of examples whose every
+    target token (the end of turn included) is, so that greedy decoding writes the target token
+    for token: a strict exact match that needs no generation.
+    """
     if not items:
-        raise ValueError("heldout_loss needs at least one item")
+        raise ValueError("heldout_metrics needs at least one item")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    nll = hits = tokens = exact = 0.0
     for i in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in collate_fn(list(items[i:i + batch_size])).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the loss averages over
-        total += model(**batch).loss.item() * n
-        count += n
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T-1, V)
+        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        mask = labels != -100
+        loss = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0),
+                               reduction="none")  # (B, T-1)
+        right = logits.argmax(dim=-1) == labels  # (B, T-1)
+        nll += loss[mask].sum().item()
+        hits += (right & mask).sum().item()
+        tokens += mask.sum().item()
+        exact += (right | ~mask).all(dim=1).sum().item()
     model.train(was_training)
-    return total / count
+    return {"loss": nll / tokens, "token_accuracy": hits / tokens, "exact": exact / len(items)}
 
 
 # ----------------------------------------------------------------------------- memory budgets

@@ -32,7 +32,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorabook.adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-from lorabook.lora import _CONFIG_ATTR, PEFT_PREFIX, LoRALinear, _is_linear_like, lora_layers
+from lorabook.lora import (
+    _CONFIG_ATTR,
+    PEFT_PREFIX,
+    LoRALinear,
+    WrapsLinear,
+    _is_linear_like,
+    lora_layers,
+)
 
 _ROUTER_ATTR = "_lorabook_adapter_router"  # where load_multi_lora keeps the router on the model
 BASE = None  # the adapter "name" of a row served by the base model alone
@@ -58,7 +65,7 @@ class AdapterRouter:
         return out
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(WrapsLinear):
     """A frozen linear layer plus several LoRA adapters; each row of a batch uses its own (chapter 3).
 
     Buffers: ``A`` (N + 1, r_max, in), ``B`` (N + 1, out, r_max), ``scaling`` (N + 1,). Slot 0 is
@@ -79,16 +86,6 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("A", torch.zeros(n, r_max, self.in_features, device=device))
         self.register_buffer("B", torch.zeros(n, self.out_features, r_max, device=device))
         self.register_buffer("scaling", torch.zeros(n, device=device))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """W0, for code that reads ``.weight``."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias."""
-        return getattr(self.base_layer, "bias", None)
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """Put one adapter's A (r x in), B (out x r) and scaling into ``slot``."""

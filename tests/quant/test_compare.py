@@ -155,7 +155,7 @@ def test_compare_formats_rows(tiny_llama):
     assert by["fp32"]["model_bytes"] == 2 * by["bf16"]["model_bytes"]
     assert by["nf4"]["model_bytes"] < by["bf16"]["model_bytes"]
     assert by["nf4"]["weight_bits"] == pytest.approx(4.5)
-    assert all(r["convert_s"] >= 0 for r in rows)
+    assert all(r["convert_s"] >= 0 and r["metrics_s"] >= 0 for r in rows)
     with pytest.raises(ValueError, match="unknown format"):
         compare.compare_formats(tiny_llama, {}, formats=["fp8"], progress=False)
 

@@ -16,14 +16,6 @@ from lorabook.quant import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True)
-def _eager_bitsandbytes():
-    """bnb's CPU dequantize falls back to a torch.compile'd function at blocksize >= 2048;
-    compiling it would cost these tests seconds per shape. Eager gives the same values."""
-    with torch._dynamo.config.patch(disable=True):
-        yield
-
-
 def test_dynamic_map_is_bitsandbytes_map():
     ours = dynamic_map()
     assert ours.shape == (256,) and torch.all(ours[1:] >= ours[:-1])

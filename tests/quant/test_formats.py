@@ -16,22 +16,6 @@ from lorabook.quant import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True)
-def _eager_bitsandbytes():
-    """bnb's CPU dequantize falls back to a torch.compile'd function at blocksize >= 2048;
-    compiling it would cost these tests seconds per shape. Eager gives the same values."""
-    with torch._dynamo.config.patch(disable=True):
-        yield
-
-
-def bnb_dequantize(packed: torch.Tensor, qs) -> torch.Tensor:
-    """bnb's dequantize_4bit on the flat tensor (its AVX-512 kernel mis-scales short rows)."""
-    flat = BF.QuantState(absmax=qs.absmax, shape=torch.Size([qs.shape.numel()]), code=qs.code,
-                         blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype,
-                         offset=qs.offset, state2=qs.state2)
-    return BF.dequantize_4bit(packed, flat, quant_type=qs.quant_type).reshape(qs.shape)
-
-
 def test_fp4_codebook_is_bitsandbytes_fp4():
     ours = fp4_codebook()
     assert torch.equal(ours, BF.get_4bit_type("fp4", device="cpu"))
@@ -44,7 +28,7 @@ def test_fp4_codebook_is_bitsandbytes_fp4():
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
 @pytest.mark.parametrize("shape", [(37, 129), (4097,), (7, 96)], ids=str)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_fp4_byte_exact(shape, blocksize, dtype, double_quant):
+def test_fp4_byte_exact(shape, blocksize, dtype, double_quant, bnb_dequantize):
     torch.manual_seed(blocksize)
     W = torch.randn(shape).to(dtype)
     packed, state = quantize_4bit(W, "fp4", blocksize, double_quant)

@@ -27,26 +27,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37, 129), (4097,), (7, 96), (2, 5, 64)]
 
 
-@pytest.fixture(autouse=True)
-def _eager_bitsandbytes():
-    """bnb's CPU dequantize falls back to a torch.compile'd function at blocksize >= 2048;
-    compiling it would cost these tests seconds per shape. Eager gives the same values."""
-    with torch._dynamo.config.patch(disable=True):
-        yield
-
-
-def bnb_dequantize(packed: torch.Tensor, qs) -> torch.Tensor:
-    """bitsandbytes' dequantize_4bit, asked for the flat tensor and reshaped.
-
-    Its AVX-512 CPU kernel (0.50.2) takes the absmax of row r, column c from
-    absmax[r * (cols // blocksize) + c // blocksize]: wrong when a row's length is not a
-    multiple of the blocksize (e.g. 7 x 96 at blocksize 64). On one flat row it is exact;
-    its pure-PyTorch backend gives the same values.
-    """
-    flat = BF.QuantState(absmax=qs.absmax, shape=torch.Size([qs.shape.numel()]), code=qs.code,
-                         blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype,
-                         offset=qs.offset, state2=qs.state2)
-    return BF.dequantize_4bit(packed, flat, quant_type=qs.quant_type).reshape(qs.shape)
 
 
 def test_codebook_is_bitsandbytes_table():
@@ -73,7 +53,7 @@ def test_codebook_structure_comes_from_quantiles():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocksize", ALLOWED_BLOCKSIZES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_byte_exact_with_bitsandbytes(shape, blocksize, dtype):
+def test_byte_exact_with_bitsandbytes(shape, blocksize, dtype, bnb_dequantize):
     torch.manual_seed(blocksize + len(shape))
     W = (torch.randn(shape) * 0.05).to(dtype)
     packed, state = quantize_nf4(W, blocksize)
@@ -92,7 +72,7 @@ def test_byte_exact_with_bitsandbytes(shape, blocksize, dtype):
 
 @pytest.mark.parametrize("shape,dtype", [((512, 1031), torch.float32),
                                          ((2049, 2049), torch.bfloat16)], ids=str)
-def test_byte_exact_on_a_large_weight(shape, dtype):
+def test_byte_exact_on_a_large_weight(shape, dtype, bnb_dequantize):
     # large enough for the table-driven nearest code, and (bf16) for dequantizing in slabs
     torch.manual_seed(1)
     W = (torch.randn(shape) * 0.02).to(dtype)

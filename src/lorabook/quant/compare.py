@@ -281,7 +281,7 @@ def compare_formats(model: nn.Module, metrics: Mapping[str, Callable[[nn.Module]
     Each format is made from ``model`` by ``model_in_format``, measured, and dropped before the
     next, so only one extra copy exists at a time. Row keys: ``format``, ``weight_bits`` (linear
     layers), ``model_bytes`` (every parameter and buffer, shared tensors once), ``convert_s``
-    (copy + quantize), then ``metrics``' names.
+    (copy + quantize), ``metrics``' names, and ``metrics_s`` (time to compute them all).
     """
     formats = list(formats)
     for fmt in formats:
@@ -293,8 +293,10 @@ def compare_formats(model: nn.Module, metrics: Mapping[str, Callable[[nn.Module]
         copy_ = model_in_format(model, fmt, blocksize, skip)
         row = {"format": fmt, "weight_bits": weight_bits(copy_, skip),
                "model_bytes": quantized_bytes(copy_), "convert_s": time.perf_counter() - start}
+        start = time.perf_counter()
         for name, fn in metrics.items():
             row[name] = fn(copy_)
+        row["metrics_s"] = time.perf_counter() - start
         rows.append(row)
         del copy_
     return rows

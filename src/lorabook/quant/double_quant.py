@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lorabook.quant.state import DoubleQuantState
+from lorabook.quant.state import DoubleQuantState, cached_table
 
 DQ_BLOCKSIZE = 256  # absmax values per second-level block, as in QLoRA and bitsandbytes
 _LUT_BINS = 65536  # bins of bitsandbytes' CPU lookup table over [-1, 1]
@@ -98,7 +98,7 @@ def quantize_blockwise_8bit(
     bins = (half.double() * float(_LUT_BINS - 1) + 0.5).float()
     # An all-zero block gives 0 * (1 / 0) = NaN here; the C code writes code 0 for it.
     bins = torch.nan_to_num_(bins, nan=0.0).to(torch.int64)
-    codes = _bnb_cpu_lut(codebook)[bins]  # (n_blocks2, 256) uint8
+    codes = cached_table("bnb-cpu-lut", codebook, lambda: _bnb_cpu_lut(codebook))[bins]  # (n_blocks2, 256) uint8
     return codes.reshape(-1)[:n], DoubleQuantState(absmax, codebook, blocksize)
 
 

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from lorabook.quant.double_quant import double_quantize
-from lorabook.quant.state import QuantState
+from lorabook.quant.state import QuantState, cached_table
 
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit blocksizes
 NF4_OFFSET = 0.9677083  # outermost quantile, mean of 1 - 1/30 and 1 - 1/32 (bitsandbytes)
@@ -139,7 +139,9 @@ def _bits_table(midpoints: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def _nearest_code_by_bits(scaled: torch.Tensor, midpoints: torch.Tensor,
                           order: torch.Tensor) -> torch.Tensor:
     key = scaled.view(torch.uint16)[1::2].to(torch.int32)  # top 16 bits (little-endian)
-    codes = _bits_table(midpoints, order).index_select(0, key)  # (n,) uint8
+    ident = torch.cat([midpoints, order.to(midpoints.dtype)])  # the order matters too (FP4)
+    table = cached_table("4bit-bits", ident, lambda: _bits_table(midpoints, order))
+    codes = table.index_select(0, key)  # (n,) uint8
     todo = (codes == _AMBIGUOUS).nonzero().squeeze(1)
     codes[todo] = order.to(torch.uint8)[torch.bucketize(scaled[todo], midpoints)]
     return codes

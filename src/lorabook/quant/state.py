@@ -8,11 +8,29 @@ dtype, the blocksize and the 16-entry codebook. It converts to and from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 QUANT_TYPES = ("nf4", "fp4", "int4")  # the 4-bit formats this package builds (chapter 5)
+
+_TABLES: dict[tuple, torch.Tensor] = {}  # lookup tables built from a codebook, reused per layer
+
+
+def cached_table(kind: str, codebook: torch.Tensor,
+                 build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, memoised by kind, codebook values and device (chapter 5).
+
+    Quantizing a model builds the same 65,536-entry table for every layer; keyed by the codebook's
+    values, a custom codebook still gets its own table.
+    """
+    key = (kind, str(codebook.device), codebook.dtype, tuple(codebook.tolist()))
+    if key not in _TABLES:
+        if len(_TABLES) > 32:  # a few codebooks per session; never grow without bound
+            _TABLES.clear()
+        _TABLES[key] = build()
+    return _TABLES[key]
 
 
 @dataclass

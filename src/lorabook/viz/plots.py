@@ -54,11 +54,22 @@ def color(name: str) -> str:
     return PALETTE[name]
 
 
+def new_figure(figsize: tuple[float, float] = STYLE["figure.figsize"]):
+    """A pyplot figure made outside ``rc_context`` so notebooks keep showing figures (chapter 1).
+
+    The first pyplot figure of an IPython session switches the inline backend on, which sets
+    ``rcParams["interactive"]``; made inside ``rc_context`` that setting would be undone on exit
+    and the notebook would stop showing figures.
+    """
+    return plt.figure(figsize=figsize)
+
+
 def bar_chart(values: Mapping[str, float], title: str, ylabel: str,
               colors: Sequence[str] | None = None, fmt: str = "{:.3g}", log: bool = False):
     """A labelled bar chart with each bar's value printed on it (chapter 1)."""
+    fig = new_figure()
     with mpl.rc_context(STYLE):
-        fig, ax = plt.subplots()
+        ax = fig.add_subplot()
         names, vals = list(values), list(values.values())
         bars = ax.bar(names, vals, color=colors or SEQUENCE[: len(vals)])
         for b, v in zip(bars, vals, strict=True):
@@ -76,8 +87,9 @@ def bar_chart(values: Mapping[str, float], title: str, ylabel: str,
 def loss_curves(histories: Mapping[str, Sequence[float]], title: str = "Training loss",
                 colors: Mapping[str, str] | None = None):
     """Training loss per optimiser step for several runs on one axis (chapter 1)."""
+    fig = new_figure()
     with mpl.rc_context(STYLE):
-        fig, ax = plt.subplots()
+        ax = fig.add_subplot()
         for name, loss in histories.items():
             ax.plot(range(1, len(loss) + 1), loss, label=name,
                     color=(colors or {}).get(name))

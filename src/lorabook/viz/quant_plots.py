@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib as mpl
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib import animation
@@ -20,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorabook.quant.nf4 import blockwise_scale
-from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE
+from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, new_figure
 
 FORMAT_COLORS = {"fp32": PALETTE["base"], "bf16": PALETTE["random"], "nf4": PALETTE["nf4"],
                  "nf4+dq": PALETTE["nf4"], "fp4": PALETTE["fp4"], "int4": "#B8A200"}  # int4 darker
@@ -46,13 +45,6 @@ def _codebook(codebook) -> np.ndarray:
     if c.size != 16:
         raise ValueError(f"expected a codebook of 16 values, got {c.size}")
     return c
-
-
-def _figure(figsize: tuple[float, float]) -> Figure:
-    # Made outside rc_context: the first pyplot figure of an IPython session switches the inline
-    # backend on, which sets rcParams["interactive"]; inside rc_context that would be undone on
-    # exit, and the notebook would stop showing figures.
-    return plt.figure(figsize=figsize)
 
 
 def nearest_levels(x, codebook) -> np.ndarray:
@@ -89,7 +81,7 @@ def weight_histograms(groups: Mapping[str, torch.Tensor | Sequence[torch.Tensor]
         raise ValueError("weight_histograms needs at least one group of weights")
     gen = torch.Generator().manual_seed(seed)
     ref = blockwise_scale(torch.randn(reference_numel, generator=gen), blocksize)[0]
-    fig = _figure((13, 4.8))
+    fig = new_figure((13, 4.8))
     with mpl.rc_context(STYLE):
         left, right = fig.subplots(1, 2)
         z = np.linspace(-8, 8, 801)
@@ -130,7 +122,7 @@ def quantile_figure(p_pos, p_neg, codebook) -> Figure:
     p_pos, p_neg, c = _vector(p_pos, "p_pos"), _vector(p_neg, "p_neg"), _codebook(codebook)
     q_pos = _np(torch.special.ndtri(torch.as_tensor(p_pos)))
     q_neg = -_np(torch.special.ndtri(torch.as_tensor(p_neg)))
-    fig = _figure((13, 4.8))
+    fig = new_figure((13, 4.8))
     with mpl.rc_context(STYLE):
         left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
         z = np.linspace(-2.6, 2.6, 400)
@@ -169,7 +161,7 @@ def codebook_figure(codebooks: Mapping[str, torch.Tensor]) -> Figure:
     """The 16 levels of several 4-bit formats on one number line each (chapter 5)."""
     if not codebooks:
         raise ValueError("codebook_figure needs at least one codebook")
-    fig = _figure((11, 1.2 + 0.8 * len(codebooks)))
+    fig = new_figure((11, 1.2 + 0.8 * len(codebooks)))
     with mpl.rc_context(STYLE):
         ax = fig.subplots()
         for row, (name, code) in enumerate(codebooks.items()):
@@ -195,7 +187,7 @@ def rounding_figure(values, codebook) -> Figure:
     order = np.sort(c)
     mids = (order[:-1] + order[1:]) / 2
     idx = nearest_levels(x, c)
-    fig = _figure((13, 3.6))
+    fig = new_figure((13, 3.6))
     with mpl.rc_context(STYLE):
         ax = fig.subplots()
         ax.vlines(c, 0, 0.25, color=PALETTE["nf4"], lw=2.5, label="the 16 levels")
@@ -225,7 +217,7 @@ def absmax_figure(x, blocksize: int, codebook) -> Figure:
     err_one = np.abs(blockwise_roundtrip(x, x.size, c) - x)
     err_blocks = np.abs(blockwise_roundtrip(x, blocksize, c) - x)
     pos = np.arange(x.size)
-    fig = _figure((12, 6.5))
+    fig = new_figure((12, 6.5))
     with mpl.rc_context(STYLE):
         top, bottom = fig.subplots(2, 1, sharex=True)
         top.bar(pos, x, color=PALETTE["full"], width=0.7)
@@ -261,7 +253,7 @@ def bits_figure(parts: Mapping[str, Mapping[str, float]]) -> Figure:
     if not parts:
         raise ValueError("bits_figure needs at least one layout")
     components = list(dict.fromkeys(k for p in parts.values() for k in p))
-    fig = _figure((13, 1.6 + 0.9 * len(parts)))
+    fig = new_figure((13, 1.6 + 0.9 * len(parts)))
     with mpl.rc_context(STYLE):
         ax = fig.subplots()
         names = list(parts)[::-1]
@@ -291,7 +283,7 @@ def error_figure(tables: Mapping[str, Sequence[Mapping[str, float]]], value: str
     """
     if not tables:
         raise ValueError("error_figure needs at least one table")
-    fig = _figure((4.6 * len(tables) + 1, 4.8))
+    fig = new_figure((4.6 * len(tables) + 1, 4.8))
     with mpl.rc_context(STYLE):
         axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)
         for k, (ax, (title, rows)) in enumerate(zip(axes[0], tables.items(), strict=True)):
@@ -319,7 +311,7 @@ def format_figure(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, str])
     names = [r["format"] for r in rows]
     colours = [FORMAT_COLORS.get(n, "0.5") for n in names]
     panels = {"model_bytes": "model size (MB)", **metrics}
-    fig = _figure((4.4 * len(panels) + 0.5, 4.8))
+    fig = new_figure((4.4 * len(panels) + 0.5, 4.8))
     with mpl.rc_context(STYLE):
         axes = fig.subplots(1, len(panels))
         for ax, (key, label) in zip(np.atleast_1d(axes), panels.items(), strict=True):
@@ -381,7 +373,8 @@ def snapping_animation(block, codebook, n_frames: int = 12, interval_ms: int = 4
         dots = ax.scatter(pos, first["values"], s=28, c=first["codes"], cmap="viridis",
                           vmin=0, vmax=15, zorder=3)
         ax.set_xlim(-1, pos.size)
-        ax.set_ylim(-1.08, 1.08)
+        ax.set_ylim(-1.32, 1.08)  # room below -1 for the caption, clear of the lowest level
+        ax.set_yticks([-1, -0.5, 0, 0.5, 1])
         ax.set_title(title, fontsize=15)
         ax.set_xlabel("position in the block", fontsize=13)
         ax.set_ylabel("weight / absmax (lines: the 16 levels)", fontsize=12)
