@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv models book test test-unit test-notebooks book-fast lint clean
+.PHONY: venv models book test test-unit test-notebooks book-fast lint clean slides test-browser
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -31,15 +31,21 @@ book-fast: models  ## the whole book in the fast (CI) setting
 	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks notebooks
+	$(BIN)/ruff check src tests benchmarks notebooks book/slides
 
 test-unit: models
-	LORABOOK_MODE=fast $(BIN)/python -m pytest tests -q -m "not gpu" -p no:cacheprovider
+	LORABOOK_MODE=fast $(BIN)/python -m pytest tests -q -m "not gpu and not browser" -p no:cacheprovider
 
 test-notebooks: models
 	LORABOOK_MODE=fast $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 notebooks -q -p no:cacheprovider
 
-test: lint test-unit test-notebooks book-fast  ## every test: lint, unit tests, notebooks (nbval), book build with -W
+test-browser: venv  ## the built book (and deck) in headless Chromium; screenshots in _build/screenshots
+	$(BIN)/python -m pytest tests/browser -q -m browser -p no:cacheprovider
+
+slides: venv  ## the talk's deck from the figures the chapters exported (run after `make book`)
+	$(BIN)/python book/slides/build.py
+
+test: lint test-unit test-notebooks book-fast test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the book in a browser
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache

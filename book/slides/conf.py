@@ -1,0 +1,36 @@
+"""Sphinx configuration of the talk's deck (reveal.js, bundled by sphinx-revealjs: no CDN).
+
+Built by `make slides` (book/slides/build.py), which copies this folder to _build/slides_src,
+adds the figures the executed chapters exported (lorabook.viz.export) and runs
+`sphinx-build -b revealjs` into _build/slides.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
+
+project = "LoRA and QLoRA, from scratch"
+author = "The lorabook authors"
+copyright = "2026"
+extensions = ["myst_parser", "sphinx_revealjs", "deck_figures"]
+myst_enable_extensions = ["colon_fence", "deflist"]
+root_doc = "index"
+exclude_patterns = ["_build", "sections"]  # sections/ are included by index.md, not pages
+language = "en"
+
+revealjs_style_theme = "white"  # dist/theme/white.css: local fonts, nothing fetched
+revealjs_static_path = ["_static"]
+revealjs_css_files = ["deck.css"]
+revealjs_script_conf = {
+    "hash": True,  # each slide has its own URL (#/3/1)
+    "slideNumber": "c/t",
+    "width": 1280,
+    "height": 800,
+    "margin": 0.03,
+    "transition": "none",  # projectors and GIFs: no sliding
+}
+revealjs_script_plugins = [  # all from the bundled reveal.js: speaker notes and zoom
+    {"name": "RevealNotes", "src": "revealjs/plugin/notes/notes.js"},
+    {"name": "RevealZoom", "src": "revealjs/plugin/zoom/zoom.js"},
+]

@@ -1,0 +1,99 @@
+"""Figures, animations and tables exported from the executed chapters for the slides (chapter 2).
+
+``export(obj, name, chapter)`` writes ``<figures_dir()>/<mode>/<name>.<ext>`` and a sidecar
+``<name>.json`` saying where it came from (chapter, run setting, commit, time). A Figure becomes
+a PNG, an animation a GIF, a DataFrame an HTML table. Each run setting has its own folder, so a
+``fast`` run (CI) never overwrites the ``cpu`` or ``gpu`` figures the deck is built from;
+``book/slides/build.py`` picks the best setting available for each name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from matplotlib import animation
+from matplotlib.figure import Figure
+
+from lorabook import config, models
+from lorabook.viz.animations import save_animation
+
+FIGURES_ENV = "LORABOOK_FIGURES"  # overrides where exported figures go
+MODES = ("gpu", "cpu", "fast")  # run settings, best first: the deck takes the first it finds
+NAME = re.compile(r"^ch[1-9]_[a-z0-9_]+$")  # e.g. ch2_decomposition: chapter prefix, snake case
+
+
+def figures_dir() -> Path:
+    """Root of the exported figures: ``$LORABOOK_FIGURES`` or ``cache_dir()/figures`` (chapter 2)."""
+    return Path(os.environ.get(FIGURES_ENV) or models.cache_dir() / "figures").expanduser()
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[3]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _check(name: str, chapter: int) -> None:
+    if isinstance(chapter, bool) or not isinstance(chapter, int) or not 1 <= chapter <= 9:
+        raise ValueError(f"chapter must be an int from 1 to 9, got {chapter!r}")
+    if not isinstance(name, str) or not NAME.match(name) or not name.startswith(f"ch{chapter}_"):
+        raise ValueError(f"name must look like 'ch{chapter}_what_it_shows' (lower case, digits, "
+                         f"underscores, prefixed by its chapter), got {name!r}")
+
+
+def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 100,
+           mode: str | None = None) -> Path:
+    """Save a Figure (PNG), animation (GIF) or DataFrame (HTML) for the slides (chapter 2).
+
+    Returns the path written, ``figures_dir()/<mode>/<name>.<ext>``, next to ``<name>.json``
+    (chapter, name, mode, commit, created, file). ``mode`` defaults to ``LORABOOK_MODE``.
+    """
+    _check(name, chapter)
+    mode = mode or config.get_settings().mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    folder = figures_dir() / mode
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, Figure):
+        path = folder / f"{name}.png"
+        obj.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+        kind = "figure"
+    elif isinstance(obj, animation.Animation):
+        path = save_animation(obj, folder / f"{name}.gif", fps=fps, dpi=dpi)
+        kind = "animation"
+    elif hasattr(obj, "to_html") and hasattr(obj, "columns"):  # a pandas DataFrame
+        path = folder / f"{name}.html"
+        html = obj.to_html(classes="lorabook-table", border=0, float_format="{:.4g}".format)
+        path.write_text(html, encoding="utf-8")
+        kind = "table"
+    else:
+        raise TypeError("export saves a matplotlib Figure, a matplotlib Animation or a pandas "
+                        f"DataFrame, got {type(obj).__name__}")
+    sidecar = {"chapter": chapter, "name": name, "kind": kind, "file": path.name, "mode": mode,
+               "commit": _commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (folder / f"{name}.json").write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def find(name: str, root: Path | None = None,
+         modes: tuple[str, ...] = MODES) -> tuple[Path, dict] | None:
+    """The best exported file of ``name`` and its sidecar: gpu, then cpu, then fast (chapter 2)."""
+    root = figures_dir() if root is None else Path(root)
+    for mode in modes:
+        sidecar = root / mode / f"{name}.json"
+        if sidecar.is_file():
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            path = sidecar.parent / meta["file"]
+            if path.is_file():
+                return path, meta
+    return None

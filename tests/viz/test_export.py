@@ -1,0 +1,95 @@
+"""lorabook.viz.export: files land per run setting with their provenance; the deck finds the best."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lorabook.viz import export  # noqa: E402
+from lorabook.viz.animations import svd_approximation_animation  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Animation was deleted:UserWarning")
+
+
+@pytest.fixture
+def figures(tmp_path, monkeypatch):
+    monkeypatch.setenv(export.FIGURES_ENV, str(tmp_path / "figs"))
+    monkeypatch.setenv("LORABOOK_MODE", "fast")
+    return tmp_path / "figs"
+
+
+def _figure(width=4.0):
+    fig = Figure(figsize=(width, 3))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [1, 0])
+    ax.set_title("a line")
+    return fig
+
+
+def test_figures_dir_follows_the_environment(figures):
+    assert export.figures_dir() == figures
+
+
+def test_figure_becomes_png_with_sidecar(figures):
+    path = export.export(_figure(), "ch1_line", chapter=1, dpi=50)
+    assert path == figures / "fast" / "ch1_line.png"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 50
+    meta = json.loads((figures / "fast" / "ch1_line.json").read_text())
+    assert meta["chapter"] == 1 and meta["name"] == "ch1_line" and meta["mode"] == "fast"
+    assert meta["kind"] == "figure" and meta["file"] == "ch1_line.png"
+    assert meta["commit"] and meta["created"][:2] == "20"
+
+
+def test_animation_becomes_gif_with_every_frame(figures):
+    g = torch.Generator().manual_seed(0)
+    anim = svd_approximation_animation(torch.randn(12, 10, generator=g), ranks=[1, 2, 10],
+                                       max_size=12)
+    path = export.export(anim, "ch2_svd", chapter=2, dpi=30)
+    assert path.suffix == ".gif"
+    with Image.open(path) as im:
+        assert im.n_frames == 3
+
+
+def test_table_becomes_html(figures):
+    df = pd.DataFrame({"blocksize": [64, 256], "error": [0.0728, 0.0803]}).set_index("blocksize")
+    path = export.export(df, "ch5_errors", chapter=5)
+    text = path.read_text()
+    assert path.suffix == ".html" and "<table" in text and "0.0728" in text
+
+
+def test_fast_run_never_touches_the_cpu_figure(figures, monkeypatch):
+    monkeypatch.setenv("LORABOOK_MODE", "cpu")
+    cpu_path = export.export(_figure(), "ch1_line", chapter=1, dpi=40)
+    before = cpu_path.read_bytes()
+    monkeypatch.setenv("LORABOOK_MODE", "fast")
+    fast_path = export.export(_figure(width=6), "ch1_line", chapter=1, dpi=40)
+    assert fast_path.parent.name == "fast" and cpu_path.parent.name == "cpu"
+    assert cpu_path.read_bytes() == before
+    # the deck prefers the cpu figure, and falls back to fast only when asked to or when alone
+    assert export.find("ch1_line")[0] == cpu_path
+    assert export.find("ch1_line", modes=("fast",))[0] == fast_path
+    assert export.find("ch9_missing") is None
+
+
+def test_bad_names_and_objects_are_refused(figures):
+    with pytest.raises(ValueError, match="ch2_"):
+        export.export(_figure(), "decomposition", chapter=2)
+    with pytest.raises(ValueError, match="ch2_"):
+        export.export(_figure(), "ch3_wrong_chapter", chapter=2)
+    with pytest.raises(ValueError, match="chapter"):
+        export.export(_figure(), "ch2_x", chapter=0)
+    with pytest.raises(ValueError, match="mode"):
+        export.export(_figure(), "ch2_x", chapter=2, mode="tpu")
+    with pytest.raises(TypeError, match="Figure"):
+        export.export([1, 2, 3], "ch2_x", chapter=2)
+    assert not (figures / "fast" / "ch2_x.json").exists()
