@@ -1,0 +1,325 @@
+"""lorabook.sweep: run specs and grids, one run on tiny and real models, resumable sweeps, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from lorabook import config, data, results, sweep
+from lorabook.lora import LoRALinear, lora_layers
+from lorabook.quant import LinearNF4
+from lorabook.sweep import RunSpec
+
+FAST = config.get_settings("fast")
+
+
+# ---------------------------------------------------------------- specs and grids
+
+
+def test_target_sets_name_every_block_linear_and_never_the_head(tiny_bert, tiny_llama):
+    for model, kind, head in ((tiny_bert, "encoder", "classifier"), (tiny_llama, "lm", "lm_head")):
+        linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        in_blocks = {n for n in linear if (".layer." if kind == "encoder" else ".layers.") in n}
+        for name, targets in sweep.TARGET_SETS[kind].items():
+            m = copy.deepcopy(model)
+            sweep.apply_lora(m, targets, r=2, alpha=4)
+            wrapped = {n for n, _ in lora_layers(m)}
+            assert wrapped <= in_blocks, (kind, name, wrapped - in_blocks)
+            assert not any(n.endswith(head) for n in wrapped)
+            leaves = {n.rsplit(".", 1)[-1] if kind == "lm" else n.split(".", 4)[-1] for n in wrapped}
+            expected = {"q": 1, "qv": 2, "attn": 4, "all": 6 if kind == "encoder" else 7}[name]
+            assert len(leaves) == expected, (kind, name, leaves)
+            assert len(wrapped) == expected * 2  # both layers of the tiny models
+        m = sweep.apply_lora(copy.deepcopy(model), sweep.TARGET_SETS[kind]["all"], r=2, alpha=4)
+        assert {n for n, _ in lora_layers(m)} == in_blocks  # every linear of the blocks
+
+
+def test_lora_parameter_count_is_what_apply_lora_trains(tiny_bert, tiny_llama):
+    for model, kind in ((tiny_bert, "encoder"), (tiny_llama, "lm")):
+        for targets, names in sweep.TARGET_SETS[kind].items():
+            m = sweep.apply_lora(copy.deepcopy(model), names, r=3, alpha=3)
+            trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+            assert sweep.lora_parameter_count(model, kind, targets, 3) == trainable
+    with pytest.raises(ValueError, match="unknown target set"):
+        sweep.lora_parameter_count(tiny_bert, "encoder", "q_proj", 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model": "gpt"}, "model must be one of"),
+    ({"method": "prefix"}, "method must be one of"),
+    ({"r": 0}, "rank r >= 1"),
+    ({"r": 2.0}, "rank r >= 1"),
+    ({"r": True}, "rank r >= 1"),
+    ({"r": None}, "rank r >= 1"),
+    ({"targets": "mlp"}, "targets must be one of"),
+    ({"targets": "q_proj"}, "targets must be one of"),  # a module name, not a set's key
+    ({"scaling": "dora"}, "scaling must be one of"),
+    ({"base": "int8"}, "base must be one of"),
+    ({"seed": -1}, "seed"),
+    ({"alpha": 0}, "alpha must be a positive"),
+    ({"lr": -1e-3}, "lr must be a positive"),
+    ({"steps": 0}, "steps must be a positive"),
+    ({"steps": 2.5}, "steps must be a positive int"),
+])
+def test_bad_lora_specs_raise_clear_errors(kwargs, message):
+    spec = {"model": "encoder", "method": "lora", "r": 4, "targets": "qv"} | kwargs
+    with pytest.raises(ValueError, match=message):
+        RunSpec(**spec)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": 8}, "full fine-tuning has no r"),
+    ({"targets": "qv"}, "full fine-tuning has no targets"),
+    ({"alpha": 16}, "full fine-tuning has no alpha"),
+    ({"scaling": "rslora"}, "no LoRA scaling"),
+    ({"base": "nf4"}, "needs base='float'"),
+])
+def test_full_fine_tuning_takes_no_lora_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RunSpec("lm", "full", **kwargs)
+
+
+def test_keys_are_stable_distinct_and_resolved_with_the_defaults():
+    spec = RunSpec("lm", "lora", 8, "qv")
+    assert spec.key() == "lm|lora|r=8|targets=qv|scaling=lora|base=float|seed=0"
+    full = RunSpec("lm", "full", scaling="lora")
+    assert full.scaling is None and full == RunSpec("lm", "full")  # one canonical spec
+    done = spec.resolved(FAST)
+    assert (done.alpha, done.lr, done.steps) == (sweep.ALPHA["lm"], sweep.LORA_LR["lm"],
+                                                 FAST.train_steps)
+    assert done.key().endswith(f"|alpha={done.alpha!r}|lr={done.lr!r}|steps={FAST.train_steps}")
+    enc = RunSpec("encoder", "full").resolved(FAST)
+    assert (enc.alpha, enc.lr, enc.steps) == (None, sweep.FULL_LR["encoder"], FAST.encoder_steps)
+    assert RunSpec("lm", "lora", 8, "qv", alpha=16).alpha == 16.0  # ints stored as floats
+    assert RunSpec("lm", "lora", 8, "qv", alpha=16).key() == RunSpec("lm", "lora", 8, "qv",
+                                                                       alpha=16.0).key()
+    grid = sweep.make_grid("lm", ranks=(1, 2), targets=("q", "all"), scalings=("lora", "rslora"),
+                           bases=("float", "nf4"), seeds=(0, 1))
+    keys = [s.resolved(FAST).key() for s in grid]
+    assert len(set(keys)) == len(keys)
+
+
+def test_scaling_factor_is_alpha_over_r_or_sqrt_r():
+    assert RunSpec("lm", "lora", 16, "q", alpha=16).scaling_factor == 1.0
+    assert RunSpec("lm", "lora", 16, "q", "rslora", alpha=16).scaling_factor == 4.0
+    assert RunSpec("lm", "full").resolved(FAST).scaling_factor is None
+
+
+def test_make_grid_counts_orders_and_validates():
+    grid = sweep.make_grid("encoder", ranks=(1, 4), targets=("q", "all"), seeds=(0, 3))
+    assert len(grid) == 2 * (1 + 2 * 2)
+    assert grid[0] == RunSpec("encoder", "full", seed=0)  # the reference first, seed by seed
+    assert grid[5] == RunSpec("encoder", "full", seed=3)
+    assert grid[1:5] == [RunSpec("encoder", "lora", r, t, seed=0)
+                         for t in ("q", "all") for r in (1, 4)]
+    no_full = sweep.make_grid("lm", ranks=(8,), targets=("qv",), scalings=("lora", "rslora"),
+                              bases=("float", "nf4"), full=False)
+    assert len(no_full) == 4 and all(s.method == "lora" for s in no_full)
+    with pytest.raises(ValueError, match="ranks must not be empty"):
+        sweep.make_grid("lm", ranks=())
+    with pytest.raises(ValueError, match="duplicates"):
+        sweep.make_grid("lm", ranks=(2, 2))
+    with pytest.raises(ValueError, match="targets must be one of"):
+        sweep.make_grid("lm", targets=("query",))  # the encoder's name, not the LM's
+
+
+# ---------------------------------------------------------------- one run, on tiny models
+
+
+def _tiny_encoder_data(tokenizer, settings):
+    g = torch.Generator().manual_seed(0)
+    items = [{"input_ids": torch.randint(1, 128, (10,), generator=g).tolist(),
+              "attention_mask": [1] * 10, "labels": int(i % 2)} for i in range(48)]
+    return {"items": items, "collate": data.collate_encoder,
+            "test_batches": [data.collate_encoder(items[:16]), data.collate_encoder(items[16:24])]}
+
+
+def _tiny_lm_data(tokenizer, settings):
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(24):
+        ids = torch.randint(3, 128, (12,), generator=g).tolist()
+        items.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
+    return {"items": items[:16], "test_items": items[16:],
+            "collate": lambda batch: data.collate_causal(batch, 0)}
+
+
+@pytest.fixture
+def tiny_runs(monkeypatch, tiny_bert, tiny_llama):
+    """run_one on the tiny BERT / Llama with random data: the same code path, in milliseconds."""
+    monkeypatch.setattr(sweep, "load_base", lambda spec: (
+        copy.deepcopy(tiny_bert if spec.model == "encoder" else tiny_llama), None))
+    monkeypatch.setattr(sweep, "encoder_data", _tiny_encoder_data)
+    monkeypatch.setattr(sweep, "lm_data", _tiny_lm_data)
+
+
+def test_run_one_records_everything_and_rslora_reaches_the_layers(tiny_runs):
+    spec = RunSpec("encoder", "lora", 4, "all", "rslora", alpha=8, lr=1e-2, steps=6, seed=1)
+    record, model = sweep.run_one(spec, FAST, return_model=True)
+    layers = dict(lora_layers(model))
+    assert len(layers) == 12
+    assert all(layer.scaling == pytest.approx(8 / math.sqrt(4)) for layer in layers.values())
+    head = sum(p.numel() for p in model.classifier.parameters())
+    closed_form = sum(4 * (m.in_features + m.out_features) for m in layers.values()) + head
+    assert record["trainable"] == closed_form and record["adapter_bytes"] == 4 * closed_form
+    assert all(p.requires_grad for p in model.classifier.parameters())  # the head trains
+    assert record["key"] == spec.resolved(FAST).key() and record["seed"] == 1
+    assert record["scaling_factor"] == pytest.approx(4.0) and record["steps"] == 6
+    assert 0.0 <= record["score"] == record["accuracy"] <= 1.0
+    assert len(record["train_loss"]) == 6 and record["step_s"] > 0 and record["train_s"] > 0
+    assert {"commit", "command", "torch"} <= set(record["provenance"])
+    json.dumps(record)  # everything is JSON-ready
+
+
+def test_run_one_lm_scores_teacher_forced_and_full_ft_trains_everything(tiny_runs, tiny_llama):
+    lora = sweep.run_one(RunSpec("lm", "lora", 2, "qv", lr=1e-2, steps=4), FAST)
+    assert lora["score"] == lora["exact"] and 0 <= lora["token_accuracy"] <= 1
+    assert math.isfinite(lora["loss"]) and lora["scaling_factor"] == sweep.ALPHA["lm"] / 2
+    full = sweep.run_one(RunSpec("lm", "full", steps=2), FAST)
+    total = sum(p.numel() for p in tiny_llama.parameters())  # tied embedding counted once
+    assert full["trainable"] == full["total"] == total
+    assert full["adapter_bytes"] == 4 * total and full["r"] is None
+
+
+@pytest.mark.parametrize("base", ["nf4", "int4"])
+def test_run_one_on_a_4bit_base_trains_lora_over_frozen_codes(tiny_runs, base):
+    record, model = sweep.run_one(RunSpec("lm", "lora", 2, "all", base=base, lr=1e-2, steps=3),
+                                  FAST, return_model=True)
+    layers = dict(lora_layers(model))
+    assert all(isinstance(layer.base_layer, LinearNF4) and layer.base_layer.quant_type == base
+               for layer in layers.values())
+    assert (layers["model.layers.0.self_attn.q_proj"].base_layer.absmax2 is not None) == (base == "nf4")
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the head is never quantized
+    assert any(layer.B.abs().max() > 0 for layer in layers.values())
+    assert record["base"] == base and math.isfinite(record["final_loss"])
+
+
+def test_keeping_factors_keeps_the_named_layers_of_each_lora_run(tiny_runs, tmp_path):
+    store = {}
+    runner = sweep.keeping_factors(["layer.1.attention.self.query"], store)
+    specs = [RunSpec("encoder", "full", steps=2), RunSpec("encoder", "lora", 3, "qv", steps=3)]
+    records = sweep.run_sweep(specs, tmp_path / "runs.jsonl", FAST, progress=False, runner=runner)
+    assert list(store) == [records[1]["key"]]  # full fine-tuning has no factors
+    (name, kept), = store[records[1]["key"]].items()
+    assert name == "bert.encoder.layer.1.attention.self.query"
+    assert kept["A"].shape == (3, 32) and kept["B"].shape == (32, 3) and kept["W0"].shape == (32, 32)
+    assert kept["scaling"] == sweep.ALPHA["encoder"] / 3 and kept["B"].abs().max() > 0
+    assert kept["A_init"].shape == (3, 32) and not torch.equal(kept["A_init"], kept["A"])
+
+
+def test_stored_results_are_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORABOOK_RESULTS", str(tmp_path))
+    assert sweep.stored_results("encoder") is None
+    (tmp_path / "sweep_encoder_cpu.jsonl").write_text("{}")
+    assert sweep.stored_results("encoder") == tmp_path / "sweep_encoder_cpu.jsonl"
+    assert sweep.stored_results("lm") is None and sweep.stored_results("encoder", "gpu") is None
+    with pytest.raises(ValueError, match="model must be one of"):
+        sweep.stored_results("bert")
+
+
+# ---------------------------------------------------------------- sweeps and the results file
+
+
+class CountingRunner:
+    """A fake run_one: a record with a score made from the rank; fails at call number fail_at."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls, self.fail_at = [], fail_at
+
+    def __call__(self, spec, settings=None):
+        if self.fail_at is not None and len(self.calls) + 1 == self.fail_at:
+            raise KeyboardInterrupt("interrupted")
+        self.calls.append(spec.key())
+        return {"key": spec.key(), **vars(spec), "score": 0.5 + 0.01 * (spec.r or 40),
+                "step_s": 0.1}
+
+
+def test_run_sweep_appends_and_resumes_where_it_stopped(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    grid = sweep.make_grid("encoder", ranks=(1, 2), targets=("q", "qv"), seeds=(0,))
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(grid, path, FAST, progress=False, runner=CountingRunner(fail_at=3))
+    assert len(results.load_results(path)) == 2  # the two finished runs survived
+    runner = CountingRunner()
+    records = sweep.run_sweep(grid + grid[:1], path, FAST, progress=False, runner=runner)
+    assert len(runner.calls) == len(grid) - 2  # only the missing runs ran, duplicates once
+    assert [r["key"] for r in records] == [s.resolved(FAST).key() for s in grid]
+    again = CountingRunner()
+    assert sweep.run_sweep(grid, path, FAST, progress=False, runner=again) == records
+    assert again.calls == []
+    header = json.loads(path.read_text().splitlines()[0])
+    assert header["format"] == "lorabook-sweep" and header["mode"] == "fast"
+
+
+def test_run_sweep_counts_steps_in_the_key_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    spec = RunSpec("encoder", "lora", 4, "q")
+    sweep.run_sweep([spec], path, FAST, progress=False, runner=CountingRunner())
+    runner = CountingRunner()
+    sweep.run_sweep([RunSpec("encoder", "lora", 4, "q", steps=3)], path, FAST, progress=False,
+                    runner=runner)
+    assert len(runner.calls) == 1  # other steps: another run
+    with pytest.raises(ValueError, match="not with the 'cpu' settings"):
+        sweep.run_sweep([spec], path, config.get_settings("cpu"), progress=False,
+                        runner=CountingRunner())
+
+
+def test_run_sweep_refuses_foreign_and_corrupt_files(tmp_path):
+    foreign = tmp_path / "other.jsonl"
+    foreign.write_text('{"some": "data"}\n')
+    with pytest.raises(ValueError, match="other.jsonl, line 1"):
+        sweep.run_sweep([RunSpec("lm", "full")], foreign, FAST, progress=False,
+                        runner=CountingRunner())
+    assert foreign.read_text() == '{"some": "data"}\n'
+    path = tmp_path / "sweep.jsonl"
+    sweep.run_sweep([RunSpec("lm", "full")], path, FAST, progress=False, runner=CountingRunner())
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match="sweep.jsonl, line 3: corrupt"):
+        sweep.run_sweep([RunSpec("lm", "full")], path, FAST, progress=False,
+                        runner=CountingRunner())
+
+
+def test_the_command_line_runs_a_grid_and_prints_a_summary(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORABOOK_MODE", "fast")
+    monkeypatch.setattr(sweep, "run_one", CountingRunner())
+    out = tmp_path / "cli.jsonl"
+    records = sweep.main(["--model", "lm", "--ranks", "1,4", "--targets", "q,all", "--seeds", "0,1",
+                          "--out", str(out), "--steps", "2", "--no-full"])
+    assert len(records) == 8 and all(r["steps"] == 2 for r in records)
+    printed = capsys.readouterr().out
+    assert f"8 runs (fast setting) in {out}" in printed and "score_mean" in printed
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--help"])
+    assert exit_.value.code == 0
+    assert "resumes" in capsys.readouterr().out
+    for bad in (["--ranks", "1,x"], ["--targets", "mlp"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(["--model", "lm", "--out", str(out), *bad])
+        assert exit_.value.code == 2  # argparse's usage error
+
+
+# ---------------------------------------------------------------- the real models, fast setting
+
+
+@pytest.mark.slow
+def test_run_one_on_the_real_encoder():
+    record, model = sweep.run_one(RunSpec("encoder", "lora", 4, "qv", steps=3), FAST,
+                                  return_model=True)
+    layers = dict(lora_layers(model))
+    assert len(layers) == 2 * 6 and all(isinstance(m, LoRALinear) for m in layers.values())
+    assert record["trainable"] == 6 * 2 * 4 * (384 + 384) + (384 * 2 + 2)  # A, B + the new head
+    assert record["total"] > 22_000_000 and 0 <= record["score"] <= 1
+    assert record["mode"] == "fast" and len(record["train_loss"]) == 3
+
+
+@pytest.mark.slow
+def test_run_one_on_the_real_lm():
+    record = sweep.run_one(RunSpec("lm", "lora", 1, "q", steps=1), FAST)
+    assert record["trainable"] == 30 * 1 * (576 + 576)
+    assert record["score"] == record["exact"] and 0 <= record["token_accuracy"] <= 1
+    assert math.isfinite(record["loss"]) and record["adapter_bytes"] == 4 * record["trainable"]
