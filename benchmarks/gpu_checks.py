@@ -8,14 +8,15 @@
 2. LinearNF4 against bnb.nn.Linear4bit on CUDA (same packed weight, same output).
 3. The training loop on CUDA with paged AdamW (bitsandbytes) on a small Llama.
 4. Step time of our LoRALinear against peft's LoRA on a model of SmolLM2-135M's shape (bf16,
-   forward + backward, interleaved), and the merged model's forward latency against the base.
+   forward + backward + AdamW step, interleaved), and the merged and unmerged models' forward
+   latency against the base: ``lorabook.bench.compare_lora_speed``, which
+   benchmarks/bench_lora.py also runs (on a CPU too).
 Every number is printed as a ratio measured side by side in this one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 
@@ -91,45 +92,13 @@ def paged_adamw_check(device: torch.device) -> dict:
 
 
 def lora_speed(device: torch.device, repeats: int) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """benchmarks/bench_lora.py's measurement (lorabook.bench.compare_lora_speed) in bf16 on CUDA."""
     from lorabook import bench
-    from lorabook.lora import apply_lora, merge_lora
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg).to(device, torch.bfloat16)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ours = apply_lora(copy.deepcopy(base), targets, r=8, alpha=16)
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    ids = torch.randint(0, 49152, (8, 256), device=device)
-
-    def step(model):
-        def fn():
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-        return fn
-
-    train_res = bench.compare_latency({"peft": step(theirs), "lorabook": step(ours)}, baseline="peft",
-                                      warmup=3, repeats=repeats)
-    merged = merge_lora(copy.deepcopy(ours)).eval()
-    ids1 = ids[:1, :128]
-
-    def fwd(model, x):
-        def fn():
-            with torch.no_grad():
-                model(input_ids=x)
-        return fn
-
-    lat = {}
-    for name, x in (("batch1x128", ids1), ("batch8x256", ids)):
-        res = bench.compare_latency({"base": fwd(base.eval(), x), "merged": fwd(merged, x),
-                                     "unmerged": fwd(ours.eval(), x)}, baseline="base",
-                                    warmup=3, repeats=repeats)
-        lat[name] = {k: v.as_dict() for k, v in res.items()}
-    return {"train_step": {k: v.as_dict() for k, v in train_res.items()}, "inference": lat}
+    base = bench.shaped_lm("SmolLM2-135M", device=device, dtype=torch.bfloat16)
+    res = bench.compare_lora_speed(base, r=8, alpha=16, batch_size=8, seq_len=256,
+                                   forward_shapes=((1, 128), (8, 256)), warmup=3, repeats=repeats)
+    return bench.lora_speed_as_dict(res)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from types import SimpleNamespace
@@ -312,3 +313,89 @@ def test_training_memory_estimate_rejects_bad_input(args, kwargs):
 ])
 def test_format_bytes(n, text):
     assert bench.format_bytes(n) == text
+
+
+# ----------------------------------------------------------------------------- LoRA code speed
+
+
+def test_shaped_lm_has_the_published_shape():
+    import dataclasses
+
+    from lorabook.qlora import ARCHITECTURES, architecture_from_config, parameter_counts
+
+    model = bench.shaped_lm("SmolLM2-135M", layers=1)
+    arch = ARCHITECTURES["SmolLM2-135M"]
+    got = architecture_from_config(model.config, arch.name)
+    assert (got.hidden, got.intermediate, got.heads, got.kv_heads, got.vocab, got.tied) == (
+        arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, arch.vocab, arch.tied)
+    expected = parameter_counts(dataclasses.replace(arch, layers=1))["total"]
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert not model.training
+
+
+@pytest.mark.parametrize("kwargs, match", [({"arch": "GPT-5"}, "unknown architecture"),
+                                           ({"layers": 0}, "layers"), ({"layers": 31}, "layers")])
+def test_shaped_lm_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.shaped_lm(**kwargs)
+
+
+def _lora_tiny(tiny_llama):
+    from lorabook.lora import apply_lora
+
+    return apply_lora(tiny_llama, ["q_proj", "v_proj"], r=4, alpha=8)
+
+
+def test_train_step_runs_one_adamw_step_on_the_trainable_parameters(tiny_llama):
+    model = _lora_tiny(tiny_llama).train()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    B = model.model.layers[0].self_attn.q_proj.B
+    step = bench.train_step(model, batch, lr=1e-2)
+    loss = step()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)  # the loss before the update
+    assert B.abs().sum() > 0  # B started at zero: AdamW moved it
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert step().item() < loss.item()  # same batch, one step later: lower loss
+
+
+def test_train_step_rejects_bad_input(tiny_llama):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels"):
+        bench.train_step(_lora_tiny(copy.deepcopy(tiny_llama)), {"input_ids": ids})
+    with pytest.raises(ValueError, match="no trainable"):
+        bench.train_step(tiny_llama.requires_grad_(False), {"input_ids": ids, "labels": ids})
+
+
+def test_compare_lora_speed_times_the_variants_and_checks_parity(tiny_llama):
+    import json
+
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    res = bench.compare_lora_speed(tiny_llama, r=4, alpha=8, batch_size=2, seq_len=8,
+                                   forward_shapes=((1, 8), (2, 4)), warmup=1, repeats=2)
+    assert set(res["train_step"]) == {"peft", "lorabook"}
+    assert res["train_step"]["peft"].ratio == 1.0 and res["train_step"]["lorabook"].ratio > 0
+    assert set(res["forward"]) == {"1x8", "2x4"}
+    assert all(set(r) == {"base", "merged", "unmerged"} for r in res["forward"].values())
+    assert all(len(v.samples_s) == 2 for r in res["forward"].values() for v in r.values())
+    # same adapter (B non-zero) in both libraries, and merging keeps the function
+    assert res["parity"]["max_abs_logit_diff_peft"] < 1e-5
+    assert res["parity"]["max_abs_logit_diff_merged"] < 1e-4
+    # the base model is left as it was: no LoRA layers, same weights
+    from lorabook.lora import lora_layers
+
+    assert not list(lora_layers(tiny_llama))
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.named_parameters())
+    out = bench.lora_speed_as_dict(res)
+    assert json.loads(json.dumps(out))["config"]["forward_shapes"] == [[1, 8], [2, 4]]
+    assert "samples_s" not in out["train_step"]["peft"]
+
+
+def test_compare_lora_speed_rejects_bad_shapes(tiny_llama):
+    with pytest.raises(ValueError, match="integers >= 1"):
+        bench.compare_lora_speed(tiny_llama, batch_size=0)
+    with pytest.raises(TypeError, match="causal LM"):
+        bench.compare_lora_speed(nn.Linear(2, 2))

@@ -474,3 +474,150 @@ def format_bytes(n: float) -> str:
         n /= 1024
         i += 1
     return f"{sign}{n:.0f} B" if i == 0 else f"{sign}{n:.2f} {units[i]}"
+
+
+# ----------------------------------------------------------------------------- LoRA code speed
+
+LORA_SPEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def shaped_lm(arch: str = "SmolLM2-135M", layers: int | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+              seed: int = 0) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM of a published shape, for timing only (chapter 7).
+
+    ``arch`` is a key of ``lorabook.qlora.ARCHITECTURES``; ``layers`` keeps only the first that
+    many blocks (a smaller model of the same widths). Time does not depend on the weights' values,
+    so no file is needed. Eval mode.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorabook.qlora import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    a = ARCHITECTURES[arch]
+    if layers is not None and (not isinstance(layers, int) or not 1 <= layers <= a.layers):
+        raise ValueError(f"layers must be an integer in [1, {a.layers}], got {layers!r}")
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                      num_hidden_layers=layers or a.layers, num_attention_heads=a.heads,
+                      num_key_value_heads=a.kv_heads, tie_word_embeddings=a.tied)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(_as_device(device), dtype).eval()
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor],
+               lr: float = 1e-4) -> Callable[[], torch.Tensor]:
+    """One training step as a callable: forward with labels, backward, AdamW step (chapter 7).
+
+    The AdamW optimizer over the parameters that require grad is made once, here; each call
+    zeroes the gradients, runs ``model(**batch).loss.backward()`` and ``optimizer.step()``, and
+    returns the loss tensor (detached; not ``.item()``, which would wait for a GPU). ``batch``
+    must hold ``labels`` (the model computes its own loss).
+    """
+    if "labels" not in batch:
+        raise ValueError(f"batch must hold 'labels' for the loss, got keys {sorted(batch)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    opt = torch.optim.AdamW(params, lr=lr)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _forward(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    def fn():
+        with torch.inference_mode():
+            return model(input_ids=ids)
+    return fn
+
+
+def compare_lora_speed(base: nn.Module, r: int = 8, alpha: float = 16,
+                       targets: tuple[str, ...] | list[str] = LORA_SPEED_TARGETS,
+                       batch_size: int = 8, seq_len: int = 128,
+                       forward_shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 128)),
+                       warmup: int = 2, repeats: int = 10, lr: float = 1e-4,
+                       seed: int = 0) -> dict:
+    """Our LoRALinear against peft's LoRA, and merged/unmerged against the base, interleaved (chapter 7).
+
+    From one causal LM ``base`` (left untouched): ``lorabook`` (``apply_lora``) and ``peft``
+    (``get_peft_model``) with the same A and B (B made non-zero), the same targets, r and alpha.
+    Returns ``train_step``: {"peft", "lorabook"} (forward + backward + AdamW step on one random
+    (batch_size, seq_len) batch, ratio to peft); ``forward``: {"BxT": {"base", "merged",
+    "unmerged"}} (inference latency, ratio to base); ``parity``: max |logits ours - peft| and
+    max |logits merged - unmerged| on the training batch (they must compute the same function).
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from lorabook.lora import apply_lora, lora_layers, lora_state_dict, merge_lora
+
+    if not isinstance(base, nn.Module) or not hasattr(base, "config"):
+        raise TypeError(f"base must be a transformers causal LM, got {type(base).__name__}")
+    shapes = [(batch_size, seq_len), *forward_shapes]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for s in shapes for v in s):
+        raise ValueError(f"batch sizes and sequence lengths must be integers >= 1, got {shapes}")
+    device = next(base.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    vocab = base.config.vocab_size
+
+    def random_ids(b: int, t: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (b, t), generator=g).to(device)  # (B, T)
+
+    ids = random_ids(batch_size, seq_len)
+    batch = {"input_ids": ids, "labels": ids}
+    torch.manual_seed(seed)
+    ours = apply_lora(copy.deepcopy(base), list(targets), r=r, alpha=alpha)
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():  # B = 0 makes every adapter a no-op: give it something to compute
+        for _, layer in lora_layers(ours):
+            layer.B.normal_(0.0, 0.01, generator=gen)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                            target_modules=list(targets)))
+    loaded = set_peft_model_state_dict(theirs, lora_state_dict(ours))
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"peft did not take our adapter: {loaded.unexpected_keys[:3]}")
+    ours.eval()
+    theirs.eval()
+    with torch.inference_mode():
+        logits = ours(input_ids=ids).logits.float()  # (B, T, V)
+        parity = {"max_abs_logit_diff_peft": (theirs(input_ids=ids).logits.float() - logits)
+                  .abs().max().item()}
+    ours.train()
+    theirs.train()
+    steps = {"peft": train_step(theirs, batch, lr), "lorabook": train_step(ours, batch, lr)}
+    train_res = compare_latency(steps, "peft", warmup=warmup, repeats=repeats)
+    del steps, theirs
+
+    ours.eval()
+    merged = merge_lora(copy.deepcopy(ours)).eval()
+    with torch.inference_mode():
+        parity["max_abs_logit_diff_merged"] = (merged(input_ids=ids).logits.float()
+                                               - ours(input_ids=ids).logits.float()).abs().max().item()
+    forward = {}
+    for b, t in forward_shapes:
+        x = random_ids(b, t)
+        fns = {"base": _forward(base.eval(), x), "merged": _forward(merged, x),
+               "unmerged": _forward(ours, x)}
+        forward[f"{b}x{t}"] = compare_latency(fns, "base", warmup=warmup, repeats=repeats)
+    return {"train_step": train_res, "forward": forward, "parity": parity,
+            "config": {"r": r, "alpha": alpha, "targets": list(targets), "batch_size": batch_size,
+                       "seq_len": seq_len, "forward_shapes": [list(s) for s in forward_shapes],
+                       "warmup": warmup, "repeats": repeats, "device": str(device),
+                       "dtype": str(next(base.parameters()).dtype).replace("torch.", "")}}
+
+
+def lora_speed_as_dict(result: dict, samples: bool = False) -> dict:
+    """``compare_lora_speed``'s result with every LatencyResult as a plain dict, JSON-ready (chapter 7)."""
+    return {"train_step": {k: v.as_dict(samples) for k, v in result["train_step"].items()},
+            "forward": {shape: {k: v.as_dict(samples) for k, v in res.items()}
+                        for shape, res in result["forward"].items()},
+            "parity": dict(result["parity"]), "config": dict(result["config"])}
