@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv models book test test-unit test-notebooks book-fast lint clean slides test-browser
+.PHONY: venv models book test test-unit test-notebooks book-fast book-fast-from-nbval lint clean \
+	slides test-browser
+# Where test-notebooks keeps what nbval executed (tests/nbval_outputs.py) for book-fast-from-nbval.
+NBVAL_OUTPUTS := $(CURDIR)/_build/.nbval_outputs
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -30,14 +33,27 @@ book-fast: models  ## the whole book in the fast (CI) setting
 	rm -rf _build/html _build/.doctrees _build/jupyter_execute
 	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going
 
+# `make test`'s book build: the chapters as test-notebooks just executed them (a chapter missing
+# from $(NBVAL_OUTPUTS) is executed), so every chapter runs once. Only for `make test`: run alone
+# after a change to src/, it would render outputs from before the change.
+book-fast-from-nbval: models
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
+	mkdir -p _build
+	$(BIN)/python -c "import sys, yaml; c = yaml.safe_load(open('_config.yml')); \
+		c['execute'].update(execute_notebooks='cache', cache=sys.argv[1]); \
+		yaml.safe_dump(c, open('_build/_config_nbval.yml', 'w'), sort_keys=False)" $(NBVAL_OUTPUTS)
+	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going --config _build/_config_nbval.yml
+
 lint: venv
 	$(BIN)/ruff check src tests benchmarks notebooks book/slides
 
 test-unit: models
-	LORABOOK_MODE=fast $(BIN)/python -m pytest tests -q -m "not gpu and not browser" -p no:cacheprovider
+	LORABOOK_MODE=fast $(BIN)/python -m pytest tests -q -m "not gpu and not browser" -p no:cacheprovider --durations=15
 
-test-notebooks: models
-	LORABOOK_MODE=fast $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 notebooks -q -p no:cacheprovider
+test-notebooks: models  ## every chapter under nbval, fast setting; keeps the executed notebooks
+	rm -rf $(NBVAL_OUTPUTS)
+	LORABOOK_MODE=fast $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 notebooks -q -p no:cacheprovider \
+		-p tests.nbval_outputs --nbval-keep-outputs $(NBVAL_OUTPUTS) --durations=15
 
 test-browser: venv  ## the built book (and deck) in headless Chromium; screenshots in _build/screenshots
 	$(BIN)/python -m pytest tests/browser -q -m browser -p no:cacheprovider
@@ -45,7 +61,7 @@ test-browser: venv  ## the built book (and deck) in headless Chromium; screensho
 slides: venv  ## the talk's deck from the figures the chapters exported (run after `make book`)
 	$(BIN)/python book/slides/build.py
 
-test: lint test-unit test-notebooks book-fast test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the book in a browser
+test: lint test-unit test-notebooks book-fast-from-nbval test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the book in a browser
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache

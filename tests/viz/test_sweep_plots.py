@@ -41,6 +41,14 @@ def test_rank_score_figure_has_one_line_per_target_set_and_the_full_reference():
     assert np.allclose(means, [0.66, 0.69, 0.81])
 
 
+def test_rank_score_figure_says_which_lines_have_fewer_seeds():
+    records = [r for r in _records() if not (r["targets"] == "qv" and r["seed"] == 1)]
+    ax = sweep_plots.rank_score_figure(records, "Encoder", "accuracy (fraction)").axes[0]
+    assert ax.get_title() == "Encoder (mean ± std over the seeds in the legend)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["full fine-tuning (2 seeds)", "W_q (2 seeds)", "W_q, W_v (1 seed)"]
+
+
 def test_params_and_cost_figures_are_labelled_with_units():
     fig = sweep_plots.params_score_figure(_records(), "Budget", "accuracy (fraction)")
     ax = fig.axes[0]

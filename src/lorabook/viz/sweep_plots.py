@@ -82,17 +82,22 @@ def rank_score_figure(records: Sequence[dict], title: str, ylabel: str,
     with mpl.rc_context(STYLE):
         ax = fig.add_subplot()
         ranks = sorted({int(r) for rows in groups.values() for r in rows["r"]})
+        seeds = {key: sorted({int(n) for n in rows["n"]}) for key, rows in groups.items()}
+        uneven = len({n for ns in seeds.values() for n in ns}) > 1  # some lines have fewer seeds
         for k, (key, rows) in enumerate(groups.items()):
             style = _group_style(key, keys)
+            if uneven:
+                style["label"] += f" ({'-'.join(map(str, seeds[key]))} seed{'s' if max(seeds[key]) > 1 else ''})"
             shift = 2 ** (0.05 * (k - (len(keys) - 1) / 2))  # side by side, not on top
             ax.errorbar(rows["r"] * shift, rows[f"{metric}_mean"],
                         yerr=rows[f"{metric}_std"].fillna(0), marker="o", ms=7, capsize=4,
                         color=style["color"], ls=style["ls"], label=style["label"])
         _full_line(ax, ref, metric)
         _log2_ranks(ax, ranks)
-        n_seeds = max(int(rows["n"].max()) for rows in groups.values())
-        ax.set(xlabel="LoRA rank r (log scale)", ylabel=ylabel,
-               title=title + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""))
+        n_seeds = max(max(ns) for ns in seeds.values())
+        spread = " (mean ± std over the seeds in the legend)" if uneven else (
+            f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else "")
+        ax.set(xlabel="LoRA rank r (log scale)", ylabel=ylabel, title=title + spread)
         ax.legend(fontsize=10, loc="best")
         fig.tight_layout()
     return fig
@@ -121,7 +126,7 @@ def params_score_figure(records: Sequence[dict], title: str, ylabel: str,
                             fontsize=9, color=style["color"])
         _full_line(ax, ref, metric)
         ax.set_xscale("log")
-        ax.set(xlabel="trainable parameters (A and B only; log scale)", ylabel=ylabel, title=title)
+        ax.set(xlabel="trainable parameters (count, log scale)", ylabel=ylabel, title=title)
         ax.legend(fontsize=10, loc="best")
         fig.tight_layout()
     return fig
