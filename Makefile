@@ -31,18 +31,17 @@ book: models  ## the whole book in the CPU setting, rendered to _build/html
 
 book-fast: models  ## the whole book in the fast (CI) setting
 	rm -rf _build/html _build/.doctrees _build/jupyter_execute
-	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going
+	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going $(BOOK_CONFIG)
 
 # `make test`'s book build: the chapters as test-notebooks just executed them (a chapter missing
 # from $(NBVAL_OUTPUTS) is executed), so every chapter runs once. Only for `make test`: run alone
 # after a change to src/, it would render outputs from before the change.
 book-fast-from-nbval: models
-	rm -rf _build/html _build/.doctrees _build/jupyter_execute
 	mkdir -p _build
 	$(BIN)/python -c "import sys, yaml; c = yaml.safe_load(open('_config.yml')); \
 		c['execute'].update(execute_notebooks='cache', cache=sys.argv[1]); \
 		yaml.safe_dump(c, open('_build/_config_nbval.yml', 'w'), sort_keys=False)" $(NBVAL_OUTPUTS)
-	source $(BIN)/activate && LORABOOK_MODE=fast jupyter-book build . -W --keep-going --config _build/_config_nbval.yml
+	$(MAKE) --no-print-directory book-fast BOOK_CONFIG="--config _build/_config_nbval.yml"
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks notebooks book/slides

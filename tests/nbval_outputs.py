@@ -30,8 +30,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 class _Kept:
     """The outputs of one notebook's cells, as nbval ran them, by code-cell number."""
 
-    def __init__(self, path: Path, nb: nbformat.NotebookNode):
-        self.path, self.nb = path, nb
+    def __init__(self, nb: nbformat.NotebookNode):
+        self.nb = nb
         self.outputs: dict[int, list] = {}
         self.complete = True  # False once a cell failed or was skipped
 
@@ -50,7 +50,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         return
     kept_by_path = item.config.stash.setdefault(_KEPT, {})
     path = Path(str(item.parent.fspath))
-    kept = kept_by_path.setdefault(path, _Kept(path, item.parent.nb))
+    kept = kept_by_path.setdefault(path, _Kept(item.parent.nb))
     if report.failed or report.skipped:
         kept.complete = False
     elif call.when == "call":

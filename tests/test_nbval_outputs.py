@@ -9,10 +9,9 @@ import nbformat
 import pytest
 from jupyter_cache import get_cache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests import nbval_outputs  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `tests` as a package, as `-p tests.nbval_outputs` imports it
+from tests import nbval_outputs  # noqa: E402
 
 
 def _notebook(*sources: str) -> nbformat.NotebookNode:
@@ -60,7 +59,7 @@ def test_a_failing_notebook_is_not_kept(tmp_path):
 
 def test_executed_notebook_needs_every_code_cell():
     nb = _notebook("a = 1", "b = 2")
-    kept = nbval_outputs._Kept(Path("x.ipynb"), nb)
+    kept = nbval_outputs._Kept(nb)
     kept.outputs[0] = []
     assert nbval_outputs.executed_notebook(kept) is None  # cell 1 never ran
     kept.outputs[1] = [nbformat.v4.new_output("stream", name="stdout", text="2\n")]
