@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorabook.data import Example, collate_encoder, loan_intent_task, triage_task
+from lorabook.data import Example, build_prompt, collate_encoder, loan_intent_task, triage_task
 from lorabook.evaluate import (
     evaluate_classifier,
     evaluate_task,
@@ -100,6 +101,31 @@ def test_generate_counts_and_batching(lively_llama, char_tok):
     assert batched == single  # left padding changes nothing
     assert any(batched) and all(len(s) <= 8 for s in batched)  # new tokens only, 1 char each
     assert char_tok.padding_side == "right"
+
+
+def test_generate_on_a_4bit_base_dequantizes_per_batch_not_per_token(lively_llama, char_tok,
+                                                                      monkeypatch):
+    from lorabook.quant import LinearNF4, quantize_model
+
+    model = quantize_model(copy.deepcopy(lively_llama))
+    n_layers = sum(isinstance(m, LinearNF4) for m in model.modules())
+    examples = [Example("triage", "hi " * k, '{"team":"payments","urgency":"low"}') for k in (1, 4, 9)]
+    expected = []  # oracle: the same greedy decoding with W0 dequantized at every forward
+    for ex in examples:
+        ids = torch.tensor([char_tok(build_prompt(char_tok, ex), add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                 do_sample=False, pad_token_id=char_tok.pad_token_id,
+                                 eos_token_id=char_tok.eos_token_id)
+        row = out[0, ids.shape[1]:].tolist()
+        row = row[:row.index(char_tok.eos_token_id)] if char_tok.eos_token_id in row else row
+        expected.append(char_tok.decode(row, skip_special_tokens=True).strip())
+    calls = []
+    original = LinearNF4.dequantized_weight
+    monkeypatch.setattr(LinearNF4, "dequantized_weight",
+                        lambda self, dtype=None: calls.append(self) or original(self, dtype))
+    assert generate(model, char_tok, examples, max_new_tokens=8, batch_size=1, progress=False) == expected
+    assert len(calls) == len(examples) * n_layers  # once per batch (of 1), not per new token
 
 
 def test_evaluate_task_restores_train_mode(lively_llama, char_tok):

@@ -83,6 +83,16 @@ def test_runs_of_another_setting_are_not_mixed_in(tmp_path):
         results.open_results(path, CPU)
 
 
+def test_settings_changes_names_each_field_that_differs(tmp_path):
+    header, _ = results.open_results(tmp_path / "runs.jsonl", FAST)
+    assert results.settings_changes(header, FAST) == {}
+    changed = results.settings_changes(header, CPU)
+    assert changed["mode"] == ("fast", "cpu")
+    assert changed["train_steps"] == (FAST.train_steps, CPU.train_steps)
+    assert set(changed) == {k for k in vars(FAST) if getattr(FAST, k) != getattr(CPU, k)}
+    assert results.settings_changes({}, FAST)["mode"] == (None, "fast")  # a header without settings
+
+
 def test_append_record_needs_a_key(tmp_path):
     with pytest.raises(ValueError, match="key"):
         results.append_record(tmp_path / "x.jsonl", {"score": 1.0})

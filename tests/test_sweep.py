@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -301,6 +302,26 @@ def test_the_command_line_runs_a_grid_and_prints_a_summary(tmp_path, monkeypatch
         with pytest.raises(SystemExit) as exit_:
             sweep.main(["--model", "lm", "--out", str(out), *bad])
         assert exit_.value.code == 2  # argparse's usage error
+
+
+def test_the_command_line_extends_a_file_with_the_settings_it_was_made_with(tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setenv("LORABOOK_MODE", "fast")
+    monkeypatch.setattr(sweep, "run_one", CountingRunner())
+    out = tmp_path / "old.jsonl"
+    old = dataclasses.replace(FAST, train_steps=FAST.train_steps + 3)  # the setting, as it once was
+    sweep.run_sweep([RunSpec("lm", "lora", 1, "q")], out, old, progress=False)
+    with pytest.raises(ValueError, match="mixing them would compare unlike runs"):
+        sweep.main(["--model", "lm", "--ranks", "2", "--targets", "q", "--no-full", "--out", str(out)])
+    records = sweep.main(["--model", "lm", "--ranks", "2", "--targets", "q", "--no-full",
+                          "--out", str(out), "--file-settings"])
+    assert [r["r"] for r in records] == [2]
+    assert records[0]["steps"] == old.train_steps  # the file's steps, not today's fast setting's
+    assert len(sweep.load_results(out)) == 2
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--model", "lm", "--out", str(tmp_path / "none.jsonl"), "--file-settings"])
+    assert exit_.value.code == 2
+    assert "needs an existing results file" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the real models, fast setting

@@ -57,7 +57,7 @@ def collate_for(tokenizer):
     return lambda items: data.collate_causal(items, pad)
 
 
-def score(model, tokenizer, examples, batch_size: int = 8) -> dict:
+def score(model, tokenizer, examples, batch_size: int = 32) -> dict:
     """Task scores of greedy generations, without the predictions (chapter 1)."""
     out = evaluate.evaluate_task(model, tokenizer, examples, max_new_tokens=EVAL_NEW_TOKENS,
                                  batch_size=batch_size, progress=False)

@@ -103,6 +103,12 @@ def open_results(path: str | os.PathLike, settings: RunSettings,
     return header, records
 
 
+def settings_changes(header: dict, settings: RunSettings) -> dict[str, tuple]:
+    """Fields where a file's recorded run settings differ from ``settings``: (stored, now) (chapter 4)."""
+    stored, now = header.get("settings") or {}, asdict(settings)
+    return {k: (stored.get(k), v) for k, v in now.items() if stored.get(k) != v}
+
+
 def _append_line(path: Path, obj: dict) -> None:
     line = json.dumps(obj, default=str, allow_nan=True)
     with open(path, "a", encoding="utf-8") as f:

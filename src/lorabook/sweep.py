@@ -29,7 +29,7 @@ from lorabook import data, evaluate, experiments, models, qlora
 from lorabook.config import RunSettings, get_dtype, get_settings, seed_everything
 from lorabook.lora import apply_lora, lora_state_dict
 from lorabook.quant import quantize_model
-from lorabook.results import append_record, load_results, open_results, summarize
+from lorabook.results import append_record, load_results, open_results, read_results, summarize
 from lorabook.train import History, TrainConfig, train
 
 __all__ = ["TARGET_SETS", "RunSpec", "make_grid", "run_one", "run_sweep", "load_results",
@@ -60,8 +60,8 @@ HEAD = {"encoder": "classifier", "lm": "lm_head"}  # trained in every encoder ru
 
 # Alpha is fixed across r, as in the LoRA paper (alpha = the first r tried, then not tuned), so
 # alpha/r and alpha/sqrt(r) really differ: 16, the book's standard adapter (r = 8, chapter 3).
-# Learning rates, calibrated in the cpu setting (80 encoder steps of 16 sentences, 500 test
-# sentences; 40 LM steps of 8), seed 0, alpha = 16, scaling alpha/r:
+# Learning rates, calibrated in the cpu setting of the stored sweeps (commit 1d26bf0: 80 encoder
+# steps of 16 sentences, 500 test sentences; 40 LM steps of 8), seed 0, alpha = 16, scaling alpha/r:
 # - encoder, LoRA on W_q, W_v, held-out accuracy: r = 8 at lr 3e-4 0.500 (stuck), 1e-3 0.648,
 #   3e-3 0.746, 1e-2 0.532 (diverged); r = 1 at 1e-3 0.702, 3e-3 0.748; r = 64 at 1e-3 0.656,
 #   3e-3 0.756. Full fine-tuning at 2e-4 (chapter 2's choice): 0.800.
@@ -435,8 +435,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning runs")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimiser steps per run (default: from the run setting)")
+    parser.add_argument("--file-settings", action="store_true",
+                        help="run with the settings recorded in --out's first line instead of "
+                             "$LORABOOK_MODE's: extends a stored sweep made when the setting of "
+                             "that name had other values")
     args = parser.parse_args(argv)
     settings = get_settings()
+    if args.file_settings:
+        if not Path(args.out).is_file():
+            parser.error(f"--file-settings needs an existing results file; {args.out} is not one")
+        try:
+            settings = RunSettings(**read_results(args.out)[0]["settings"])
+        except (ValueError, TypeError, KeyError) as e:
+            parser.error(f"--file-settings: {args.out} has no usable settings line ({e})")
     try:
         specs = make_grid(args.model, _ints(args.ranks), _names(args.targets),
                           _names(args.scalings), _names(args.bases), _ints(args.seeds),

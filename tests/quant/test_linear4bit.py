@@ -12,6 +12,7 @@ from torch import nn
 from lorabook.quant import (
     LinearNF4,
     bits_per_parameter,
+    dense_weights,
     dequantize_nf4,
     quantize_model,
     quantize_nf4,
@@ -135,3 +136,27 @@ def test_quantized_bytes_counts_stored_tensors(linear):
     expected = n // 2 + 4 * (n // 64) + 4 * 16 + 4 * 48  # codes, absmax, codebook, bias
     assert quantized_bytes(layer) == expected
     assert quantized_bytes(linear) == 4 * (n + 48)
+
+
+def test_dense_weights_dequantizes_once_and_gives_the_same_outputs(tiny_llama, monkeypatch):
+    from lorabook.qlora import recompute_in_backward
+
+    model = recompute_in_backward(quantize_model(copy.deepcopy(tiny_llama)))
+    layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    calls = []
+    original = LinearNF4.dequantized_weight
+    monkeypatch.setattr(LinearNF4, "dequantized_weight",
+                        lambda self, dtype=None: calls.append(self) or original(self, dtype))
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        plain = [model(input_ids=ids).logits for _ in range(3)]
+        assert len(calls) == 3 * len(layers)  # every forward dequantizes every layer
+        calls.clear()
+        with dense_weights(model):
+            held = [model(input_ids=ids).logits for _ in range(3)]
+        assert len(calls) == len(layers)  # once per layer for the three forwards
+    assert all(torch.equal(a, b) for a, b in zip(plain, held, strict=True))  # bit-identical
+    assert all(m._dense is None for m in layers)  # the dense copies are dropped at the end
+    with pytest.raises(RuntimeError, match="boom"), dense_weights(model):
+        raise RuntimeError("boom")
+    assert all(m._dense is None for m in layers)  # also when the block raises

@@ -6,7 +6,7 @@ Byte-exact with bitsandbytes 0.50: same packed codes, absmax and dequantized ten
 - ``double_quant``: the absmax stored in 8 bits (dynamic map, blocksize 256).
 - ``formats``: FP4 and symmetric Int4 with the same machinery, ``quantize_4bit``.
 - ``state``: ``QuantState`` (to and from bitsandbytes) and ``bits_per_parameter``.
-- ``linear4bit``: ``LinearNF4`` and ``quantize_model``.
+- ``linear4bit``: ``LinearNF4``, ``quantize_model`` and ``dense_weights`` (for generation).
 """
 
 from lorabook.quant.double_quant import (
@@ -16,7 +16,7 @@ from lorabook.quant.double_quant import (
     quantize_blockwise_8bit,
 )
 from lorabook.quant.formats import codebook, fp4_codebook, int4_codebook, quantize_4bit
-from lorabook.quant.linear4bit import LinearNF4, quantize_model, quantized_bytes
+from lorabook.quant.linear4bit import LinearNF4, dense_weights, quantize_model, quantized_bytes
 from lorabook.quant.nf4 import (
     ALLOWED_BLOCKSIZES,
     blockwise_scale,
@@ -37,6 +37,7 @@ __all__ = [
     "QUANT_TYPES",
     "DoubleQuantState",
     "LinearNF4",
+    "dense_weights",
     "QuantState",
     "bits_per_parameter",
     "blockwise_scale",

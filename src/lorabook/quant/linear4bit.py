@@ -8,6 +8,9 @@ requires grad; gradients still flow to the input, which is all QLoRA needs of th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +49,7 @@ class LinearNF4(nn.Module):
         self.bias = None  # frozen, like W0
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._dense = None  # inside dense_weights(): {dtype: dequantized W0}, reused by forward
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -72,7 +76,12 @@ class LinearNF4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        W = self.dequantized_weight(dtype)  # (out, in), recomputed each call: only 4 bits stay
+        if getattr(self, "_dense", None) is not None:  # inside dense_weights(): dequantize once
+            if dtype not in self._dense:
+                self._dense[dtype] = self.dequantized_weight(dtype)
+            W = self._dense[dtype]
+        else:
+            W = self.dequantized_weight(dtype)  # (out, in), recomputed each call: only 4 bits stay
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), W, bias).to(x.dtype)  # (..., out)
 
@@ -127,3 +136,23 @@ def quantized_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+@contextmanager
+def dense_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, each LinearNF4 dequantizes W0 once and reuses it (chapter 6).
+
+    For generation: every new token is a forward pass over the same weights, and dequantizing
+    them each time costs more than the matrix products on a CPU. The outputs are bit-identical
+    (the same dense tensor goes into ``F.linear``); memory rises to the dense size meanwhile, and
+    falls back when the block ends. Not for training: the weights are frozen, but a held dense
+    W0 is what QLoRA avoids keeping.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    for layer in layers:
+        layer._dense = {}
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._dense = None
