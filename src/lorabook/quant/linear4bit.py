@@ -76,7 +76,7 @@ class LinearNF4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
-        if getattr(self, "_dense", None) is not None:  # inside dense_weights(): dequantize once
+        if self._dense is not None:  # inside dense_weights(): dequantize once
             if dtype not in self._dense:
                 self._dense[dtype] = self.dequantized_weight(dtype)
             W = self._dense[dtype]
