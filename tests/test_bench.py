@@ -262,6 +262,35 @@ def test_reset_peak_memory_on_linux_lowers_the_peak():
     assert bench.peak_rss_bytes() < high - 64 * MiB
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_release_free_memory_gives_freed_heap_pages_back():
+    xs = [torch.ones(8 * 1024) for _ in range(2000)]  # 32 KiB each, 64 MiB in all: heap blocks
+    keep = xs[-1]  # noqa: F841  (holds the top of the heap, so free() alone cannot shrink it)
+    del xs
+    kept = bench.current_rss_bytes()
+    assert bench.release_free_memory() is True
+    assert bench.current_rss_bytes() < kept - 32 * MiB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_memory_sampler_counts_reused_free_blocks():
+    xs = [torch.ones(8 * 1024) for _ in range(2000)]
+    keep = xs[-1]  # noqa: F841
+    del xs  # 64 MiB of freed blocks, resident
+    with bench.MemorySampler("cpu") as s:
+        ys = [torch.ones(8 * 1024) for _ in range(2000)]  # the same blocks, reused
+    assert s.released and s.delta_bytes >= 48 * MiB
+    del ys
+
+
+def test_release_free_memory_elsewhere_changes_nothing(monkeypatch):
+    monkeypatch.setattr(bench, "_glibc", lambda: None)
+    assert bench.release_free_memory() is False
+    with bench.MemorySampler("cpu") as s:
+        pass
+    assert s.released is False
+
+
 def test_bad_device_rejected():
     with pytest.raises(ValueError, match="cpu' or 'cuda"):
         bench.peak_memory("meta")

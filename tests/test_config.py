@@ -35,6 +35,10 @@ def test_describe_names_device_dtype_and_setting():
     assert info["device"] == str(config.get_device())
     assert info["dtype"] in ("float32", "bfloat16")
     assert info["setting.mode"] in config.MODES
+    import peft
+    import transformers
+
+    assert (info["peft"], info["transformers"]) == (peft.__version__, transformers.__version__)
     if not torch.cuda.is_available():
         assert config.get_dtype() == torch.float32
 

@@ -28,7 +28,6 @@ from lorabook.qlora import (
     nf4_bytes,
     parameter_counts,
     qlora_model,
-    rss_follows_tensors,
     saved_for_backward_bytes,
 )
 from lorabook.quant import LinearNF4, quantize_model
@@ -335,12 +334,6 @@ def test_saved_for_backward_sees_the_dense_weight_of_the_plain_layer():
         assert saved_for_backward_bytes(lambda: plain(x)) == 0
 
 
-def test_rss_follows_tensors_on_linux():
-    import sys
-
-    assert rss_follows_tensors() is sys.platform.startswith("linux")
-
-
 # ----------------------------------------------------------------------------- bitsandbytes, peft
 
 
@@ -449,8 +442,12 @@ def test_heldout_metrics_loss_is_the_models_loss(tiny_llama):
     batch = _collate(items)
     with torch.no_grad():
         expected = tiny_llama(**batch).loss.item()
+    seen = []  # positions the output layer computes: only from the first target on
+    hook = tiny_llama.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     got = heldout_metrics(tiny_llama, items, _collate, batch_size=3)
+    hook.remove()
     assert got["loss"] == pytest.approx(expected, rel=1e-5)
+    assert seen == [12 - 4]  # targets start at token 5, predicted from position 4
 
 
 def test_heldout_metrics_exact_means_greedy_writes_the_target(tiny_llama):
@@ -464,6 +461,26 @@ def test_heldout_metrics_exact_means_greedy_writes_the_target(tiny_llama):
     items[1]["input_ids"][-1] = (items[1]["input_ids"][-1] + 1) % 128  # one wrong target token
     items[1]["labels"][-1] = items[1]["input_ids"][-1]
     assert heldout_metrics(tiny_llama, items, _collate)["exact"] == 0.5
+
+
+def test_heldout_metrics_dequantizes_a_4bit_base_once(tiny_llama, monkeypatch):
+    model = quantize_model(copy.deepcopy(tiny_llama))
+    n_layers = sum(isinstance(m, LinearNF4) for m in model.modules())
+    items = _items_from(_ids(shape=(5, 12)), prompt=5)
+    # oracle: each item alone (W0 dequantized at every forward), weighted by its target tokens
+    alone = [heldout_metrics(model, [it], _collate) for it in items]
+    n_targets = [sum(x != -100 for x in it["labels"][1:]) for it in items]
+    calls = []
+    original = LinearNF4.dequantized_weight
+    monkeypatch.setattr(LinearNF4, "dequantized_weight",
+                        lambda self, dtype=None: calls.append(self) or original(self, dtype))
+    got = heldout_metrics(model, items, _collate, batch_size=2)  # three batches
+    assert len(calls) == n_layers  # once for all three batches
+    for k in ("loss", "token_accuracy"):
+        assert got[k] == pytest.approx(sum(a[k] * n for a, n in zip(alone, n_targets, strict=True))
+                                       / sum(n_targets), rel=1e-5)
+    assert got["exact"] == pytest.approx(sum(a["exact"] for a in alone) / len(items))
+    assert all(m._dense is None for m in model.modules() if isinstance(m, LinearNF4))  # released
 
 
 # ----------------------------------------------------------------------------- other 4-bit bases

@@ -14,7 +14,10 @@ kernel lets us reset it (Linux: write ``5`` to ``/proc/self/clear_refs``). ``res
 tries that and reports whether it worked; ``MemorySampler`` (and ``track_memory``) also runs a
 thread that samples RSS every few milliseconds, so it gives a useful peak where the reset is refused.
 RSS counts every allocation of the process (Python objects, libraries, allocator caches), not only
-tensors, so CPU deltas are approximate in a way CUDA's allocator counts are not.
+tensors, so CPU deltas are approximate in a way CUDA's allocator counts are not. glibc's allocator
+keeps freed blocks for reuse with their pages resident; a CPU ``MemorySampler`` first hands those
+pages back (``release_free_memory``), so that a block's rise is the memory it takes from the OS:
+its live tensors plus what the allocator holds between them.
 """
 
 from __future__ import annotations
@@ -334,12 +337,42 @@ def reset_peak_memory(device: torch.device | str | None = None) -> bool:
     return True
 
 
+def _glibc():
+    """glibc through ctypes, or None (not Linux, or a libc without malloc_trim, e.g. musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (AttributeError if missing)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_free_memory() -> bool:
+    """Give the pages of freed heap blocks back to the OS (glibc's ``malloc_trim``) (chapter 6).
+
+    glibc keeps freed blocks for reuse, and their pages stay resident: after a training run the
+    process's RSS stays high, and a later block that reuses them looks as if it needed nothing.
+    After this call those pages are counted again only when something touches them. True if it
+    ran (Linux with glibc); elsewhere False, and nothing changes.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 class MemorySampler:
     """Peak memory of a block above its start: ``with MemorySampler(device) as m: ...`` (chapter 1).
 
-    On CUDA: the allocator's counters (exact for tensors). On CPU: a thread samples the process RSS
-    every ``interval_s`` seconds, and where the kernel lets us reset the peak RSS (Linux), the
-    kernel's own peak is used too, so short spikes between samples are not missed. Afterwards
+    On CUDA: the allocator's counters (exact for tensors). On CPU: freed heap pages are given back
+    first (``release_free_memory``), then a thread samples the process RSS every ``interval_s``
+    seconds, and where the kernel lets us reset the peak RSS (Linux), the kernel's own peak is
+    used too, so short spikes between samples are not missed. Afterwards
     ``delta_bytes`` (alias ``increase_bytes``) = peak - start; ``method`` says how it was measured.
     """
 
@@ -355,6 +388,7 @@ class MemorySampler:
         self.peak_bytes = 0  # highest value during the block
         self.end_bytes = 0  # value when the block ended
         self.n_samples = 0  # RSS samples taken (CPU)
+        self.released = False  # CPU: freed heap pages were given back before the start (glibc)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -381,6 +415,7 @@ class MemorySampler:
             self.method = "cuda_max_allocated"
             self.start_bytes = self.peak_bytes = int(torch.cuda.memory_allocated(self.device))
             return self
+        self.released = release_free_memory()  # else reused free blocks would go uncounted
         was_reset = self.reset_peak and reset_peak_memory(self.device)
         self.method = "rss_peak_reset" if was_reset else "rss_sampling"
         self.start_bytes = self.peak_bytes = current_rss_bytes()

@@ -76,15 +76,20 @@ def get_settings(mode: str | None = None) -> RunSettings:
 
 def describe() -> dict:
     """Versions, device, dtype and run setting: what every chapter's first cell shows (chapter 1)."""
-    import peft
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:  # without importing it (peft's import alone takes seconds)
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     device = get_device()
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        "transformers": installed("transformers"),
+        "peft": installed("peft"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),

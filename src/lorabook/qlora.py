@@ -15,6 +15,7 @@ This module adds what chapter 6 needs on top of the two:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabook.lora import LoRALinear, apply_lora
-from lorabook.quant import QUANT_TYPES, LinearNF4, quantize_model
+from lorabook.quant import QUANT_TYPES, LinearNF4, dense_weights, quantize_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj",  # all linear layers of a block
            "gate_proj", "up_proj", "down_proj")
@@ -87,28 +88,6 @@ def saved_for_backward_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def rss_follows_tensors() -> bool:
-    """Ask glibc to return freed tensor memory to the OS at once; True if it agreed (chapter 6).
-
-    By default glibc keeps freed blocks of a few MB for reuse, so the resident memory (RSS) of a
-    process that trained before stays high and the next run's increase is under-counted. With a
-    fixed 64 KiB mmap threshold every tensor-sized block is mapped and unmapped on its own, and
-    RSS follows the live tensors. Process-wide and permanent; Linux/glibc only (else False).
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 16)
-                    and libc.mallopt(m_trim_threshold, 1 << 16))
-    except (OSError, AttributeError):
-        return False
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -382,27 +361,36 @@ def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
     ``loss``: cross-entropy per target token. ``token_accuracy``: share of target tokens that are
     the model's top prediction given the true prefix. ``exact``: share of examples whose every
     target token (the end of turn included) is, so that greedy decoding writes the target token
-    for token: a strict exact match that needs no generation.
+    for token: a strict exact match that needs no generation. A 4-bit base is dequantized once
+    for all the batches (``quant.dense_weights``).
     """
     if not items:
         raise ValueError("heldout_metrics needs at least one item")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # Hugging Face causal LMs can skip the output layer on the first positions (logits_to_keep):
+    # no target is predicted there, and the output layer is a fifth of this model's forward pass.
+    slices = "logits_to_keep" in inspect.signature(model.forward).parameters
     nll = hits = tokens = exact = 0.0
-    for i in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_fn(list(items[i:i + batch_size])).items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits[:, :-1]  # (B, T-1, V)
-        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-        mask = labels != -100
-        loss = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0),
-                               reduction="none")  # (B, T-1)
-        right = logits.argmax(dim=-1) == labels  # (B, T-1)
-        nll += loss[mask].sum().item()
-        hits += (right & mask).sum().item()
-        tokens += mask.sum().item()
-        exact += (right | ~mask).all(dim=1).sum().item()
+    with dense_weights(model):
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate_fn(list(items[i:i + batch_size])).items()}
+            labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+            has_target = (labels != -100).any(dim=0)
+            first = int(has_target.nonzero()[0]) if slices and has_target.any() else 0
+            kept = {"logits_to_keep": labels.shape[1] + 1 - first} if first else {}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **kept).logits[:, :-1]  # (B, T-1-first, V): positions first..T-2
+            labels = labels[:, first:]
+            mask = labels != -100
+            loss = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0),
+                                   reduction="none")  # (B, T-1)
+            right = logits.argmax(dim=-1) == labels  # (B, T-1)
+            nll += loss[mask].sum().item()
+            hits += (right & mask).sum().item()
+            tokens += mask.sum().item()
+            exact += (right | ~mask).all(dim=1).sum().item()
     model.train(was_training)
     return {"loss": nll / tokens, "token_accuracy": hits / tokens, "exact": exact / len(items)}
 
