@@ -385,8 +385,8 @@ def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
             labels = labels[:, first:]
             mask = labels != -100
             loss = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0),
-                                   reduction="none")  # (B, T-1)
-            right = logits.argmax(dim=-1) == labels  # (B, T-1)
+                                   reduction="none")  # (B, T-1-first)
+            right = logits.argmax(dim=-1) == labels  # (B, T-1-first)
             nll += loss[mask].sum().item()
             hits += (right & mask).sum().item()
             tokens += mask.sum().item()
