@@ -6,7 +6,8 @@ Byte-exact with bitsandbytes 0.50: same packed codes, absmax and dequantized ten
 - ``double_quant``: the absmax stored in 8 bits (dynamic map, blocksize 256).
 - ``formats``: FP4 and symmetric Int4 with the same machinery, ``quantize_4bit``.
 - ``state``: ``QuantState`` (to and from bitsandbytes) and ``bits_per_parameter``.
-- ``linear4bit``: ``LinearNF4``, ``quantize_model`` and ``dense_weights`` (for generation and held-out scores).
+- ``linear4bit``: ``LinearNF4``, ``quantize_model`` and ``dense_weights`` (generation, held-out
+  scores).
 """
 
 from lorabook.quant.double_quant import (
