@@ -22,9 +22,11 @@ from lorabook.data import (
     collate_causal,
     collate_encoder,
     encoder_batches,
+    first_predicting_position,
     heldout_text,
     load_reviews,
     loan_intent_task,
+    skip_prompt_logits,
     tokenize_causal,
     triage_task,
 )
@@ -183,6 +185,57 @@ def test_collate_right_pads_and_masks():
     assert all(v.dtype == torch.long and v.shape == (2, 3) for v in batch.values())
     with pytest.raises(ValueError):
         collate_causal([], pad_id=0)
+
+
+
+def _prompt_batch(pad_id: int = 0) -> dict:
+    """Two rows: 6 and 4 prompt tokens (label -100), then 3 and 2 target tokens; right-padded."""
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 128, (6,), generator=g).tolist(), [40, 41, 2]),
+            (torch.randint(3, 128, (4,), generator=g).tolist(), [50, 2])]
+    return collate_causal([{"input_ids": p + t, "labels": [-100] * len(p) + t} for p, t in rows], pad_id)
+
+
+def test_first_predicting_position():
+    labels = _prompt_batch()["labels"]  # (2, 9): targets start at 6 and 4
+    assert first_predicting_position(labels) == 3  # position 3 predicts row 2's first target
+    assert first_predicting_position(torch.full((2, 5), -100)) == 0  # nothing to predict
+    assert first_predicting_position(torch.tensor([[1, 2, 3]])) == 0
+
+
+def test_skip_prompt_logits_keeps_the_loss_and_its_gradient(tiny_llama):
+    """Oracle: the model's own loss on the whole sequence, against the loss with the output layer cut."""
+    batch = _prompt_batch()
+    cut = skip_prompt_logits(tiny_llama, batch)
+    assert cut["logits_to_keep"] == 6 and cut["labels"].shape == (2, 6)  # positions 3..8 of 9
+    assert cut["input_ids"] is batch["input_ids"] and "logits_to_keep" not in batch  # a new dict
+    full, kept = tiny_llama(**batch), tiny_llama(**cut)
+    assert kept.logits.shape == (2, 6, 128) and full.logits.shape == (2, 9, 128)
+    assert torch.allclose(kept.logits, full.logits[:, 3:], atol=1e-6)
+    assert torch.allclose(kept.loss, full.loss, atol=1e-6)
+    full.loss.backward()
+    g_full = tiny_llama.model.layers[0].mlp.down_proj.weight.grad.clone()
+    tiny_llama.zero_grad()
+    kept.loss.backward()
+    assert torch.allclose(tiny_llama.model.layers[0].mlp.down_proj.weight.grad, g_full, atol=1e-6)
+
+
+def test_skip_prompt_logits_reaches_through_peft(tiny_llama):
+    peft = pytest.importorskip("peft")
+    twin = peft.get_peft_model(tiny_llama, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    batch = _prompt_batch()
+    cut = skip_prompt_logits(twin, batch)
+    assert cut["logits_to_keep"] == 6
+    assert torch.allclose(twin(**cut).loss, twin(**batch).loss, atol=1e-6)
+
+
+def test_skip_prompt_logits_leaves_other_batches_alone(tiny_llama, tiny_bert):
+    batch = _prompt_batch()
+    assert skip_prompt_logits(tiny_bert, batch) is batch  # no logits_to_keep argument
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    assert skip_prompt_logits(tiny_llama, no_labels) is no_labels
+    from_start = collate_causal([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}])
+    assert skip_prompt_logits(tiny_llama, from_start) is from_start  # position 0 predicts a target
 
 
 @pytest.mark.slow

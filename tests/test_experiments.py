@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -91,16 +92,40 @@ def test_load_lora_run_remakes_a_run_with_other_settings(tiny_llama, tiny_run):
                                   rank=2)
 
 
+def _save_full_ft_record(settings, **changed) -> dict:
+    """A run.json as full_finetune writes it (its setting.* keys), with some settings changed."""
+    record = {"scores": {"exact_match": 0.5}, "commit": "abc",
+              **{f"setting.{k}": v for k, v in dataclasses.asdict(settings).items()},
+              **{f"setting.{k}": v for k, v in changed.items()}}
+    out = experiments.full_ft_dir(settings, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(record))
+    return record
+
+
 def test_full_ft_record_reads_the_saved_record_without_loading(tiny_run, monkeypatch):
-    out = experiments.full_ft_dir(tiny_run, 0)
-    out.mkdir(parents=True)
-    (out / "run.json").write_text(json.dumps({"scores": {"exact_match": 0.5}, "commit": "abc"}))
+    record = _save_full_ft_record(tiny_run)
 
     def no_load(*args, **kwargs):
         raise AssertionError("a saved record must be read, not re-made")
 
     monkeypatch.setattr(experiments.models, "load_lm", no_load)
-    assert experiments.full_ft_record(tiny_run) == {"scores": {"exact_match": 0.5}, "commit": "abc"}
+    assert experiments.full_ft_record(tiny_run) == record
+
+
+@pytest.mark.parametrize("changed", [{"train_steps": 99}, {"batch_size": 99}, {"n_eval": 99}])
+def test_a_full_ft_run_saved_with_other_settings_is_remade(tiny_run, tiny_llama, monkeypatch, changed):
+    _save_full_ft_record(tiny_run, **changed)
+    made = []
+
+    def remake(model, tokenizer, settings, seed, save, progress):
+        made.append(settings)
+        _save_full_ft_record(settings)
+
+    monkeypatch.setattr(experiments.models, "load_lm", lambda: (tiny_llama, TOKENIZER))
+    monkeypatch.setattr(experiments, "full_finetune", remake)
+    record = experiments.full_ft_record(tiny_run)
+    assert made == [tiny_run] and record["setting.train_steps"] == tiny_run.train_steps
 
 
 def test_lora_dir_names_task_mode_and_seed(tiny_run):

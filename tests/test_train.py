@@ -24,7 +24,7 @@ def test_training_lowers_the_loss_and_records_history(tiny_llama):
     hist = train(tiny_llama, _items(n=8), cfg, _collate, eval_fn=lambda m: evals.append(m.training) or {"acc": 1.0})
     assert len(hist.loss) == len(hist.step_time_s) == len(hist.tokens) == 30
     assert sum(hist.loss[-5:]) / 5 < 0.5 * sum(hist.loss[:5]) / 5
-    assert hist.tokens[0] == 4 * 12
+    assert hist.tokens[0] == 4 * 12 == hist.output_rows[0]  # every position predicts a target
     assert evals == [False] and hist.evals == [{"step": 30, "acc": 1.0}]  # eval mode inside eval_fn
     assert tiny_llama.training is False  # restored to the mode it came in
     trainable, total = count_trainable(tiny_llama)
@@ -32,6 +32,26 @@ def test_training_lowers_the_loss_and_records_history(tiny_llama):
     assert hist.tokens_per_s > 0 and hist.peak_memory_bytes > 0
     row = hist.summary()
     assert row["acc"] == 1.0 and row["trainable_%"] == pytest.approx(100.0)
+
+
+
+def test_loss_on_targets_only_runs_the_output_layer_on_them(tiny_llama):
+    """Prompt positions (label -100) skip the output layer; the recorded loss is the model's own."""
+    def masked(items):
+        batch = _collate(items)
+        batch["labels"][:, :8] = -100  # the first 8 of 12 tokens are the prompt
+        return batch
+
+    first = next(batches(_items(), 4, seed=0))
+    with torch.no_grad():
+        expected = tiny_llama(**masked(first)).loss.item()  # all 12 positions through the output layer
+    seen = []
+    tiny_llama.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    hist = train(tiny_llama, _items(), TrainConfig(steps=2, batch_size=4, progress=False), masked)
+    assert hist.loss[0] == pytest.approx(expected, rel=1e-6)
+    assert seen == [(4, 5, 128)] * 2  # positions 7..11: position 7 predicts the first target
+    assert hist.tokens[0] == 4 * 12  # the whole sequences still run through the blocks
+    assert hist.output_rows == [4 * 5] * 2
 
 
 def test_same_seed_same_run(tiny_llama):

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorabook.data import skip_prompt_logits
+
 # ----------------------------------------------------------------------------- latency
 
 
@@ -546,7 +548,8 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor],
     """One training step as a callable: forward with labels, backward, AdamW step (chapter 7).
 
     The AdamW optimizer over the parameters that require grad is made once, here; each call
-    zeroes the gradients, runs ``model(**batch).loss.backward()`` and ``optimizer.step()``, and
+    zeroes the gradients, runs ``model(**batch).loss.backward()`` (a causal LM's output layer only
+    on the positions that predict a target, as in ``train.train``) and ``optimizer.step()``, and
     returns the loss tensor (detached; not ``.item()``, which would wait for a GPU). ``batch``
     must hold ``labels`` (the model computes its own loss).
     """
@@ -556,6 +559,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor],
     if not params:
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     opt = torch.optim.AdamW(params, lr=lr)
+    batch = skip_prompt_logits(model, batch)  # as train() does: no output layer on the prompt
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)

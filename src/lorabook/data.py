@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import inspect
 import random
 from pathlib import Path
 
@@ -80,6 +81,39 @@ def collate_causal(items: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor
         attention_mask[b, :n] = 1
         labels[b, :n] = torch.as_tensor(it["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def first_predicting_position(labels: torch.Tensor) -> int:
+    """The first position t whose next token t+1 is a target in some row of (B, T) labels (chapter 1).
+
+    Positions before it predict only prompt tokens (label -100), so a causal LM's output layer is
+    wasted on them. 0 when every position matters or when no row has a target.
+    """
+    has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)  # (T-1,): does position t predict one?
+    return int(has_target.nonzero()[0]) if has_target.any() else 0
+
+
+def _takes_logits_to_keep(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def skip_prompt_logits(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with the output layer run only where a target is predicted (chapter 1).
+
+    The output layer (576 x 49,152 here) is about a fifth of this model's forward pass, and most
+    positions of a chat prompt predict nothing the loss counts. Hugging Face causal LMs take
+    ``logits_to_keep=N`` (the last N positions); the labels are cut to the same N positions, so the
+    model's own shifted loss is unchanged: same targets, same mean. A model without that argument,
+    a batch without labels, or one whose first position already predicts a target comes back as is.
+    """
+    labels = batch.get("labels")
+    if labels is None or labels.dim() != 2 or "logits_to_keep" in batch or not _takes_logits_to_keep(model):
+        return batch
+    first = first_predicting_position(labels)
+    if first == 0:
+        return batch
+    return {**batch, "labels": labels[:, first:], "logits_to_keep": labels.shape[1] - first}
 
 
 # ---------------------------------------------------------------- movie-review sentences (encoder)

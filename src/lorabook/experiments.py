@@ -96,11 +96,29 @@ def full_finetune(model, tokenizer, settings: RunSettings | None = None, seed: i
     return hist, scores
 
 
+# The settings a full fine-tuning run depends on: a saved run made with other values is re-made.
+FULL_FT_SETTINGS = ("train_steps", "batch_size", "n_train", "n_eval")
+
+
+def _saved_full_ft(settings: RunSettings, seed: int) -> dict | None:
+    """The saved run.json of this setting and seed, or None if absent or made with other settings."""
+    path = full_ft_dir(settings, seed) / "run.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    same = all(record.get(f"setting.{k}") == getattr(settings, k) for k in FULL_FT_SETTINGS)
+    return record if same else None
+
+
 def load_full_finetune(settings: RunSettings | None = None, seed: int = 0, progress: bool = True):
-    """(model, tokenizer, run record) of chapter 1's full fine-tuning, trained now if not saved (chapter 2)."""
+    """(model, tokenizer, run record) of chapter 1's full fine-tuning, trained now if not saved (chapter 2).
+
+    A saved run is reused only if it was made with this setting's steps, batch size and data
+    sizes (``FULL_FT_SETTINGS``); otherwise it is trained again and replaces the saved one.
+    """
     settings = settings or get_settings()
     out = full_ft_dir(settings, seed)
-    if not (out / "run.json").exists():
+    if _saved_full_ft(settings, seed) is None:
         model, tokenizer = models.load_lm()
         full_finetune(model, tokenizer, settings, seed, save=True, progress=progress)
     record = json.loads((out / "run.json").read_text())
@@ -130,12 +148,13 @@ def full_ft_record(settings: RunSettings | None = None, seed: int = 0,
     Unlike ``load_full_finetune`` it does not load the fine-tuned model when the run is saved.
     """
     settings = settings or get_settings()
-    out = full_ft_dir(settings, seed)
-    if not (out / "run.json").exists():
+    record = _saved_full_ft(settings, seed)
+    if record is None:
         model, tokenizer = models.load_lm()
         full_finetune(model, tokenizer, settings, seed, save=True, progress=progress)
         del model
-    return json.loads((out / "run.json").read_text())
+        record = json.loads((full_ft_dir(settings, seed) / "run.json").read_text())
+    return record
 
 
 def lora_dir(task: str = "loan_intent", settings: RunSettings | None = None, seed: int = 0) -> Path:

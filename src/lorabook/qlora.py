@@ -15,7 +15,6 @@ This module adds what chapter 6 needs on top of the two:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorabook.data import skip_prompt_logits
 from lorabook.lora import LoRALinear, apply_lora
 from lorabook.quant import QUANT_TYPES, LinearNF4, dense_weights, quantize_model
 
@@ -369,20 +369,16 @@ def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    # Hugging Face causal LMs can skip the output layer on the first positions (logits_to_keep):
-    # no target is predicted there, and the output layer is a fifth of this model's forward pass.
-    slices = "logits_to_keep" in inspect.signature(model.forward).parameters
     nll = hits = tokens = exact = 0.0
     with dense_weights(model):
         for i in range(0, len(items), batch_size):
             batch = {k: v.to(device) for k, v in collate_fn(list(items[i:i + batch_size])).items()}
-            labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-            has_target = (labels != -100).any(dim=0)
-            first = int(has_target.nonzero()[0]) if slices and has_target.any() else 0
-            kept = {"logits_to_keep": labels.shape[1] + 1 - first} if first else {}
+            # No output layer on positions that predict no target (data.skip_prompt_logits).
+            batch = skip_prompt_logits(model, batch)  # labels (B, T-first), positions first..T-1
+            kept = {k: batch[k] for k in ("logits_to_keep",) if k in batch}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           **kept).logits[:, :-1]  # (B, T-1-first, V): positions first..T-2
-            labels = labels[:, first:]
+                           **kept).logits[:, :-1]  # (B, T-1-first, V)
+            labels = batch["labels"][:, 1:]  # (B, T-1-first): position t predicts token t+1
             mask = labels != -100
             loss = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0),
                                    reduction="none")  # (B, T-1-first)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lorabook import bench
 from lorabook.config import seed_everything
+from lorabook.data import skip_prompt_logits
 
 
 @dataclass
@@ -55,6 +56,7 @@ class History:
     loss: list[float] = field(default_factory=list)  # training loss per step
     step_time_s: list[float] = field(default_factory=list)  # wall time per step, seconds
     tokens: list[int] = field(default_factory=list)  # non-padding tokens per step
+    output_rows: list[int] = field(default_factory=list)  # rows of scores the output layer made per step
     evals: list[dict] = field(default_factory=list)  # {"step": k, **metrics}
     trainable_params: int = 0
     total_params: int = 0
@@ -172,7 +174,8 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
         for step in bar:
             batch = {k: v.to(device) for k, v in collate_fn(next(stream)).items()}
             t0 = time.perf_counter()
-            loss = model(**batch).loss
+            fed = skip_prompt_logits(model, batch)  # a causal LM: no output layer on the prompt
+            loss = model(**fed).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
             loss.backward()
@@ -187,6 +190,8 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
             hist.loss.append(loss.item())
             mask = batch.get("attention_mask")
             hist.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+            labels = fed.get("labels")  # (B, positions kept) for a causal LM, (B,) for a classifier
+            hist.output_rows.append(int(labels.numel()) if labels is not None else hist.tokens[-1])
             bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
             last = step + 1 == config.steps
             if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
