@@ -113,6 +113,18 @@ def test_full_ft_record_reads_the_saved_record_without_loading(tiny_run, monkeyp
     assert experiments.full_ft_record(tiny_run) == record
 
 
+
+def test_load_full_finetune_loads_the_saved_model(tiny_run, monkeypatch):
+    record = _save_full_ft_record(tiny_run)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a matching saved run must be loaded, not re-made")
+
+    monkeypatch.setattr(experiments, "full_finetune", no_training)
+    monkeypatch.setattr(experiments.models, "load_lm", lambda path=None: (path, TOKENIZER))
+    model, tokenizer, loaded = experiments.load_full_finetune(tiny_run)
+    assert model == experiments.full_ft_dir(tiny_run, 0) and loaded == record
+
 @pytest.mark.parametrize("changed", [{"train_steps": 99}, {"batch_size": 99}, {"n_eval": 99}])
 def test_a_full_ft_run_saved_with_other_settings_is_remade(tiny_run, tiny_llama, monkeypatch, changed):
     _save_full_ft_record(tiny_run, **changed)

@@ -117,12 +117,8 @@ def load_full_finetune(settings: RunSettings | None = None, seed: int = 0, progr
     sizes (``FULL_FT_SETTINGS``); otherwise it is trained again and replaces the saved one.
     """
     settings = settings or get_settings()
-    out = full_ft_dir(settings, seed)
-    if _saved_full_ft(settings, seed) is None:
-        model, tokenizer = models.load_lm()
-        full_finetune(model, tokenizer, settings, seed, save=True, progress=progress)
-    record = json.loads((out / "run.json").read_text())
-    model, tokenizer = models.load_lm(out)
+    record = full_ft_record(settings, seed, progress)  # trains and saves the run if needed
+    model, tokenizer = models.load_lm(full_ft_dir(settings, seed))
     return model, tokenizer, record
 
 
@@ -145,6 +141,7 @@ def full_ft_record(settings: RunSettings | None = None, seed: int = 0,
                    progress: bool = True) -> dict:
     """Chapter 1's saved full fine-tuning run record (run.json), trained now if absent (chapter 3).
 
+    A saved run made with other settings (``FULL_FT_SETTINGS``) is trained again and replaced.
     Unlike ``load_full_finetune`` it does not load the fine-tuned model when the run is saved.
     """
     settings = settings or get_settings()

@@ -375,7 +375,7 @@ def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
             batch = {k: v.to(device) for k, v in collate_fn(list(items[i:i + batch_size])).items()}
             # No output layer on positions that predict no target (data.skip_prompt_logits).
             batch = skip_prompt_logits(model, batch)  # labels (B, T-first), positions first..T-1
-            kept = {k: batch[k] for k in ("logits_to_keep",) if k in batch}
+            kept = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            **kept).logits[:, :-1]  # (B, T-1-first, V)
             labels = batch["labels"][:, 1:]  # (B, T-1-first): position t predicts token t+1
