@@ -143,13 +143,21 @@ def _reviews_path() -> Path:
     return path
 
 
-def _review_pools() -> dict[str, dict[int, list[str]]]:
-    """{"train"|"test": {label: sorted unique texts}}, split by movie with a fixed shuffle."""
+def _review_pools(validation: bool = False) -> dict[str, dict[int, list[str]]]:
+    """{"train"|"test": {label: sorted unique texts}}, split by movie with a fixed shuffle.
+
+    ``validation=True``: the training movies only, split again the same way ("train" = fit,
+    "test" = val): the test movies are never read.
+    """
     with bz2.open(_reviews_path(), "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
     movies = sorted({r["movie_name"] for r in rows})
     random.Random("lorabook-review-movies").shuffle(movies)
     test_movies = set(movies[: round(REVIEWS_TEST_MOVIES * len(movies))])
+    if validation:  # drop the test movies, then hold out a quarter of the rest as "test"
+        rows = [r for r in rows if r["movie_name"] not in test_movies]
+        movies = [m for m in movies if m not in test_movies]
+        test_movies = set(movies[: round(REVIEWS_TEST_MOVIES * len(movies))])
     pools = {s: {0: set(), 1: set()} for s in ("train", "test")}
     for r in rows:
         split = "test" if r["movie_name"] in test_movies else "train"
@@ -157,9 +165,13 @@ def _review_pools() -> dict[str, dict[int, list[str]]]:
     return {s: {y: sorted(t) for y, t in p.items()} for s, p in pools.items()}
 
 
-def load_reviews(n_train: int, n_test: int, seed: int = 0) -> dict[str, tuple[list[str], list[int]]]:
-    """Balanced fresh (1) / rotten (0) review sentences, train and test from disjoint movies (chapter 1)."""
-    pools = _review_pools()
+def load_reviews(n_train: int, n_test: int, seed: int = 0,
+                 validation: bool = False) -> dict[str, tuple[list[str], list[int]]]:
+    """Balanced fresh (1) / rotten (0) review sentences, train and test from disjoint movies (chapter 1).
+
+    ``validation=True``: both from the training movies, split by movie again (chapter 4).
+    """
+    pools = _review_pools(validation)
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         if not isinstance(n, int) or n < 0:

@@ -149,16 +149,21 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 128, batch_
 
 
 @_no_grad_eval
-def evaluate_classifier(model, batches) -> float:
-    """Accuracy of argmax(logits) against batch["labels"] over an iterable of batches (chapter 1)."""
+def classifier_correct(model, batches) -> list[int]:
+    """1 or 0 per example: is argmax(logits) batch["labels"]? In order, over all batches (chapter 4)."""
     device = _device(model)
-    correct = total = 0
+    correct: list[int] = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")  # (B,)
         pred = model(**batch).logits.argmax(dim=-1)  # (B,)
-        correct += int((pred == labels).sum())
-        total += labels.numel()
-    if total == 0:
+        correct += (pred == labels).int().tolist()
+    if not correct:
         raise ValueError("evaluate_classifier got no examples")
-    return correct / total
+    return correct
+
+
+def evaluate_classifier(model, batches) -> float:
+    """Accuracy of argmax(logits) against batch["labels"] over an iterable of batches (chapter 1)."""
+    correct = classifier_correct(model, batches)
+    return sum(correct) / len(correct)

@@ -9,6 +9,7 @@ if none exists). Every cached run carries how it was made: command, config, hard
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -32,21 +33,27 @@ def provenance(extra: dict | None = None) -> dict:
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
+                                text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = ""
+    # A copy of the tree without .git (e.g. on a lent GPU machine) is told its commit instead.
+    commit = commit or os.environ.get("LORABOOK_COMMIT", "") or "unknown"
     return {"command": " ".join(sys.argv), "commit": commit, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "platform": platform.platform(), **describe(), **(extra or {})}
 
 
 def task_data(tokenizer, task: str = "loan_intent", settings: RunSettings | None = None,
-              seed: int = 0) -> dict:
-    """Generated train/test examples of a task and the tokenised training items (chapter 1)."""
+              seed: int = 0, validation: bool = False) -> dict:
+    """Generated train/test examples of a task and the tokenised training items (chapter 1).
+
+    ``validation=True``: "train" and "test" come from the validation split of the training
+    templates (``tasks.loan_intent_task``), for choosing a learning rate (chapter 4).
+    """
     settings = settings or get_settings()
     make = {"loan_intent": data.loan_intent_task, "triage": data.triage_task}
     if task not in make:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(make)}")
-    split = make[task](settings.n_train, settings.n_eval, seed=seed)
+    split = make[task](settings.n_train, settings.n_eval, seed=seed, validation=validation)
     return {"train": split["train"], "test": split["test"],
             "items": data.tokenize_causal(tokenizer, split["train"], max_length=MAX_LENGTH)}
 

@@ -355,17 +355,19 @@ def _inside_lora(name: str, modules: dict) -> bool:
 
 @torch.no_grad()
 def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
-                    batch_size: int = 8) -> dict[str, float]:
+                    batch_size: int = 8, per_example: bool = False) -> dict:
     """Teacher-forced scores on tokenised held-out items, one forward pass per batch (chapter 6).
 
     ``loss``: cross-entropy per target token. ``token_accuracy``: share of target tokens that are
     the model's top prediction given the true prefix. ``exact``: share of examples whose every
     target token (the end of turn included) is, so that greedy decoding writes the target token
     for token: a strict exact match that needs no generation. A 4-bit base is dequantized once
-    for all the batches (``quant.dense_weights``).
+    for all the batches (``quant.dense_weights``). ``per_example=True`` adds
+    ``exact_per_example``: 1 or 0 for each item, in order (for paired statistics, chapter 4).
     """
     if not items:
         raise ValueError("heldout_metrics needs at least one item")
+    per_item: list[int] = []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -386,9 +388,14 @@ def heldout_metrics(model: nn.Module, items: Sequence[dict], collate_fn,
             nll += loss[mask].sum().item()
             hits += (right & mask).sum().item()
             tokens += mask.sum().item()
-            exact += (right | ~mask).all(dim=1).sum().item()
+            row_exact = (right | ~mask).all(dim=1)  # (B,)
+            exact += row_exact.sum().item()
+            per_item += row_exact.int().tolist()
     model.train(was_training)
-    return {"loss": nll / tokens, "token_accuracy": hits / tokens, "exact": exact / len(items)}
+    out = {"loss": nll / tokens, "token_accuracy": hits / tokens, "exact": exact / len(items)}
+    if per_example:
+        out["exact_per_example"] = per_item
+    return out
 
 
 # ----------------------------------------------------------------------------- memory budgets

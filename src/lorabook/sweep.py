@@ -30,14 +30,17 @@ from lorabook.config import RunSettings, get_dtype, get_settings, seed_everythin
 from lorabook.lora import apply_lora, lora_state_dict
 from lorabook.quant import quantize_model
 from lorabook.results import append_record, load_results, open_results, read_results, summarize
-from lorabook.train import History, TrainConfig, train
+from lorabook.train import TrainConfig, autocast, train
 
 __all__ = ["TARGET_SETS", "RunSpec", "make_grid", "run_one", "run_sweep", "load_results",
            "summarize", "encoder_data", "lm_data", "load_base", "prepare_model", "keeping_factors",
            "stored_results", "lora_parameter_count"]
 
 MODELS = ("encoder", "lm")
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "adapter", "prefix", "none")
+# adapter: bottleneck adapters of width `size` (Houlsby placement); prefix: prefix tuning with
+# `size` virtual tokens (the LM only); none: no training (the LM's zero-shot score)
+SIZED = ("adapter", "prefix")
 SCALINGS = ("lora", "rslora")  # alpha / r (Hu et al.), alpha / sqrt(r) (rsLoRA)
 BASES = ("float", "nf4", "fp4", "int4")  # storage of the frozen W0 under the adapters
 
@@ -72,6 +75,9 @@ HEAD = {"encoder": "classifier", "lm": "lm_head"}  # trained in every encoder ru
 ALPHA = {"encoder": 16.0, "lm": 16.0}
 LORA_LR = {"encoder": 3e-3, "lm": experiments.LORA_LR}  # AdamW lr of A, B (and the head)
 FULL_LR = {"encoder": 2e-4, "lm": experiments.FULL_FT_LR}  # AdamW lr of full fine-tuning
+ADAPTER_LR = {"encoder": 1e-3, "lm": 1e-3}  # AdamW lr of bottleneck adapters (and the head)
+PREFIX_LR = {"lm": 1e-2}  # AdamW lr of prefix tuning's keys and values (Li & Liang: 5e-5..8e-3)
+CURVE_ITEMS = 64  # held-out items scored at each point of a learning curve
 ENCODER_BATCH = 16  # sentences per step (chapter 2's encoder runs use the same)
 ENCODER_MAX_LENGTH = 64  # tokens per sentence
 EVAL_BATCH = 64  # sentences (encoder) per evaluation batch
@@ -97,6 +103,9 @@ class RunSpec:
     alpha: float | None = None  # None: ALPHA[model], the same for every r
     lr: float | None = None  # None: LORA_LR[model] or FULL_LR[model]
     steps: int | None = None  # None: settings.encoder_steps (encoder) or settings.train_steps (lm)
+    size: int | None = None  # adapter bottleneck width or number of prefix tokens; else None
+    split: str | None = None  # None: train, score on test; "val": fit on part of the training
+    # templates and score on the rest (choosing the learning rate, never looking at the test)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -105,18 +114,32 @@ class RunSpec:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
-        if self.method == "full":
+        if self.split not in (None, "val"):
+            raise ValueError(f"split must be None (test) or 'val', got {self.split!r}")
+        if self.method != "lora":
+            what = {"full": "full fine-tuning", "adapter": "an adapter run",
+                    "prefix": "prefix tuning", "none": "a run without training"}[self.method]
             for name in ("r", "targets", "alpha"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"full fine-tuning has no {name}: leave it None "
+                    raise ValueError(f"{what} has no {name}: leave it None "
                                      f"(got {name}={getattr(self, name)!r})")
             if self.scaling not in (None, "lora"):
-                raise ValueError(f"full fine-tuning has no LoRA scaling, got {self.scaling!r}")
+                raise ValueError(f"{what} has no LoRA scaling, got {self.scaling!r}")
             if self.base != "float":
-                raise ValueError("full fine-tuning trains W0 itself: it needs base='float', "
-                                 f"got {self.base!r} (4-bit weights cannot be trained)")
+                raise ValueError(f"{what} needs base='float', got {self.base!r} (only LoRA "
+                                 "runs here on a 4-bit W0)")
             object.__setattr__(self, "scaling", None)  # irrelevant: one canonical spec
+            if self.method in SIZED:
+                if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+                    raise ValueError(f"{what} needs an int size >= 1 (bottleneck width or prefix "
+                                     f"tokens), got {self.size!r}")
+            elif self.size is not None:
+                raise ValueError(f"{what} has no size: leave it None (got {self.size!r})")
+            if self.method in ("prefix", "none") and self.model != "lm":
+                raise ValueError(f"{what} is defined for the causal LM only, got model {self.model!r}")
         else:
+            if self.size is not None:
+                raise ValueError(f"LoRA has no size (its rank is r), got size={self.size!r}")
             if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
                 raise ValueError(f"LoRA needs an int rank r >= 1, got {self.r!r}")
             if self.targets not in TARGET_SETS[self.model]:
@@ -137,24 +160,29 @@ class RunSpec:
         """The same run with alpha, lr and steps filled in from the defaults (chapter 4)."""
         settings = settings or get_settings()
         lora = self.method == "lora"
+        if self.method == "none":
+            return self
+        default_lr = {"lora": LORA_LR, "full": FULL_LR, "adapter": ADAPTER_LR,
+                      "prefix": PREFIX_LR}[self.method][self.model]
         return replace(
             self,
             alpha=self.alpha if self.alpha is not None or not lora else ALPHA[self.model],
-            lr=self.lr if self.lr is not None else (LORA_LR if lora else FULL_LR)[self.model],
+            lr=self.lr if self.lr is not None else default_lr,
             steps=self.steps if self.steps is not None else (
                 settings.encoder_steps if self.model == "encoder" else settings.train_steps))
 
     @property
     def scaling_factor(self) -> float | None:
         """alpha / r or alpha / sqrt(r) once alpha is known; None for full fine-tuning."""
-        if self.method == "full" or self.alpha is None:
+        if self.method != "lora" or self.alpha is None:
             return None
         return self.alpha / (math.sqrt(self.r) if self.scaling == "rslora" else self.r)
 
     def key(self) -> str:
         """A stable id of the run: every field that is set, e.g. "lm|lora|r=8|targets=qv|..." (chapter 4)."""
         parts = [self.model, self.method]
-        for name in ("r", "targets", "scaling", "base", "seed", "alpha", "lr", "steps"):
+        for name in ("r", "targets", "scaling", "base", "seed", "alpha", "lr", "steps", "size",
+                     "split"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}")
@@ -162,8 +190,10 @@ class RunSpec:
 
     def label(self) -> str:
         """A short human label, e.g. "LoRA r=8 on qv (nf4)" or "full fine-tuning" (chapter 4)."""
-        if self.method == "full":
-            return "full fine-tuning"
+        if self.method != "lora":
+            return {"full": "full fine-tuning", "none": "no training (zero-shot)",
+                    "adapter": f"adapters (bottleneck {self.size})",
+                    "prefix": f"prefix tuning ({self.size} tokens)"}[self.method]
         extra = [s for s in (self.scaling if self.scaling != "lora" else "",
                              self.base if self.base != "float" else "") if s]
         return f"LoRA r={self.r} on {self.targets}" + (f" ({', '.join(extra)})" if extra else "")
@@ -202,42 +232,60 @@ def make_grid(model: str, ranks: Sequence[int] = (1, 2, 4, 8, 16, 64),
 # ---------------------------------------------------------------- data, models, one run
 
 
-def encoder_data(tokenizer, settings: RunSettings) -> dict:
+def encoder_data(tokenizer, settings: RunSettings, validation: bool = False) -> dict:
     """Review sentences: tokenised train items, padded test batches, the collate function (chapter 4).
 
     The same sentences for every seed (``data.load_reviews``' seed 0), as in chapter 2: a seed
     changes the initialisation and the order of the batches, not the data.
     """
-    reviews = data.load_reviews(settings.encoder_train, settings.encoder_eval)
+    n_train, n_test = settings.encoder_train, settings.encoder_eval
+    if validation:  # the fit/val pools are three quarters and a quarter of the training movies
+        n_train, n_test = (3 * n_train) // 4, n_test // 2
+    reviews = data.load_reviews(n_train, n_test, validation=validation)
     return {"items": data.tokenize_encoder(tokenizer, *reviews["train"], max_length=ENCODER_MAX_LENGTH),
             "test_batches": data.encoder_batches(tokenizer, *reviews["test"], batch_size=EVAL_BATCH,
                                                  max_length=ENCODER_MAX_LENGTH),
             "collate": partial(data.collate_encoder, pad_id=tokenizer.pad_token_id or 0)}
 
 
-def lm_data(tokenizer, settings: RunSettings) -> dict:
-    """The loan task: tokenised train items, tokenised held-out items, the collate function (chapter 4)."""
-    d = experiments.task_data(tokenizer, "loan_intent", settings)
-    return {"items": d["items"], "collate": experiments.collate_for(tokenizer),
+def lm_data(tokenizer, settings: RunSettings, validation: bool = False) -> dict:
+    """The loan task: tokenised train items, tokenised held-out items, the collate function (chapter 4).
+
+    ``validation=True``: fit and val templates of the training split instead of train and test.
+    """
+    d = experiments.task_data(tokenizer, "loan_intent", settings, validation=validation)
+    return {"items": d["items"], "collate": experiments.collate_for(tokenizer), "test": d["test"],
             "test_items": data.tokenize_causal(tokenizer, d["test"], experiments.MAX_LENGTH)}
 
 
-def load_base(spec: RunSpec):
-    """(model, tokenizer) of the spec's base model in the settings' dtype, eval mode (chapter 4)."""
+def load_base(spec: RunSpec, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of the spec's base model in ``dtype`` (default: the settings'), eval mode (chapter 4)."""
+    dtype = dtype or get_dtype()
     if spec.model == "encoder":
-        return models.load_encoder(dtype=get_dtype(), seed=spec.seed)  # the head is seeded
-    return models.load_lm(dtype=get_dtype())
+        return models.load_encoder(dtype=dtype, seed=spec.seed)  # the head is seeded
+    return models.load_lm(dtype=dtype)
 
 
 def prepare_model(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
     """Make the spec's parameters trainable, in place: all, or LoRA on a float/4-bit W0 (chapter 4).
 
     Seeds A's initialisation with ``spec.seed``. The encoder's classifier head is new: it
-    trains in every run (``modules_to_save``). The head is never quantized.
+    trains in every run (``modules_to_save``). The head is never quantized. Returns the model
+    to train: ``model`` itself, or, for prefix tuning, the ``baselines.PrefixTuning`` around it.
     """
+    from lorabook import baselines
+
     spec = spec.resolved()
     if spec.method == "full":
         return model.requires_grad_(True)
+    if spec.method == "none":
+        return model.requires_grad_(False)
+    if spec.method in SIZED:
+        seed_everything(spec.seed)
+        if spec.method == "prefix":
+            return baselines.PrefixTuning(model, n_prefix=spec.size)
+        head = (HEAD[spec.model],) if spec.model == "encoder" else ()
+        return baselines.add_adapters(model, bottleneck=spec.size, trainable=head)
     if spec.base != "float":
         quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
                        quant_type=spec.base, skip=(HEAD[spec.model],))
@@ -260,57 +308,101 @@ def lora_parameter_count(model: torch.nn.Module, kind: str, targets: str, r: int
 
 
 def _stored_bytes(model: torch.nn.Module, spec: RunSpec) -> int:
-    """Bytes a task must store: A, B (+ the saved head) for LoRA, every weight for full FT."""
+    """Bytes a task must store: A, B (+ the saved head) for LoRA, every weight for full FT,
+    the trained parameters for adapters and prefix tuning, nothing without training."""
+    if spec.method == "none":
+        return 0
     if spec.method == "lora":
         tensors = lora_state_dict(model).values()
-    else:
+    elif spec.method == "full":
         tensors = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    else:
+        tensors = [p for p in model.parameters() if p.requires_grad]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bits(values: Sequence[int]) -> str:
+    """Per-example 1/0 scores as one compact string, "0110..." (stored in the records)."""
+    return "".join("1" if v else "0" for v in values)
 
 
 def run_one(spec: RunSpec, settings: RunSettings | None = None, progress: bool = False,
             return_model: bool = False,
-            before_training: Callable[[torch.nn.Module], None] | None = None):
+            before_training: Callable[[torch.nn.Module], None] | None = None,
+            mixed_precision: bool = False, curve_every: int = 0, generation: bool = False):
     """Train and score one run; its record (dict), or (record, model) with return_model (chapter 4).
 
     Encoder: held-out accuracy on review sentences. LM: teacher-forced held-out metrics of the
     loan task (``qlora.heldout_metrics``): ``exact`` is the score, with ``token_accuracy`` and
-    ``loss``; no generation, so it is fast. ``before_training(model)`` is called once the
-    model is prepared, e.g. to keep A's random initialisation.
+    ``loss``; no generation, so it is fast. Each example's 1/0 score is kept in the record
+    (``per_example``) for paired statistics (``lorabook.evidence``). ``before_training(model)``
+    is called once the model is prepared, e.g. to keep A's random initialisation.
+
+    ``mixed_precision``: fp32 weights, bf16 matmuls under autocast (the runs of record on a GPU).
+    ``curve_every``: score the first ``CURVE_ITEMS`` held-out examples every that many steps (a
+    learning curve, for showing a plateau; never used to pick anything). ``generation``: also
+    generate replies greedily and score their fields (LM; not with prefix tuning).
     """
     settings = settings or get_settings()
     spec = spec.resolved(settings)
+    validation = spec.split == "val"
     t_load = time.perf_counter()
-    model, tokenizer = load_base(spec)
-    d = (encoder_data if spec.model == "encoder" else lm_data)(tokenizer, settings)
-    prepare_model(model, spec)
+    model, tokenizer = load_base(spec, torch.float32 if mixed_precision else None)
+    d = (encoder_data if spec.model == "encoder" else lm_data)(tokenizer, settings, validation)
+    model = prepare_model(model, spec)
     if before_training is not None:
         before_training(model)
     setup_s = time.perf_counter() - t_load
+    device = next(model.parameters()).device
+    amp = "bfloat16" if mixed_precision else None
     batch = ENCODER_BATCH if spec.model == "encoder" else settings.batch_size
-    cfg = TrainConfig(steps=spec.steps, lr=spec.lr, batch_size=batch, seed=spec.seed,
-                      warmup_steps=min(5, spec.steps), progress=progress, desc=spec.label())
-    hist: History = train(model, d["items"], cfg, d["collate"])
+
+    def score(m: torch.nn.Module, few: bool = False) -> dict:
+        if spec.model == "encoder":
+            batches = d["test_batches"][:max(1, CURVE_ITEMS // EVAL_BATCH)] if few else d["test_batches"]
+            correct = evaluate.classifier_correct(m, batches)
+            return {"score": sum(correct) / len(correct), "accuracy": sum(correct) / len(correct),
+                    "per_example": _bits(correct)}
+        items = d["test_items"][:CURVE_ITEMS] if few else d["test_items"]
+        out = qlora.heldout_metrics(m, items, d["collate"], per_example=True)
+        return {"score": out["exact"], "exact": out["exact"], "loss": out["loss"],
+                "token_accuracy": out["token_accuracy"],
+                "per_example": _bits(out["exact_per_example"])}
+
+    hist = None
+    if spec.method != "none":
+        cfg = TrainConfig(steps=spec.steps, lr=spec.lr, batch_size=batch, seed=spec.seed,
+                          warmup_steps=min(5, spec.steps), progress=progress, desc=spec.label(),
+                          autocast=amp, eval_every=curve_every)
+
+        def curve_point(m: torch.nn.Module) -> dict:
+            return {k: v for k, v in score(m, few=True).items() if k != "per_example"}
+
+        hist = train(model, d["items"], cfg, d["collate"], curve_point if curve_every else None)
     t_eval = time.perf_counter()
-    if spec.model == "encoder":
-        metrics = {"score": evaluate.evaluate_classifier(model, d["test_batches"])}
-        metrics["accuracy"] = metrics["score"]
-    else:
-        metrics = qlora.heldout_metrics(model, d["test_items"], d["collate"])
-        metrics = {"score": metrics["exact"], **metrics}
-    summary = hist.summary()
+    with autocast(device, amp):
+        metrics = score(model)
+        if generation and spec.model == "lm" and spec.method != "prefix":
+            gen = experiments.score(model, tokenizer, d["test"], batch_size=128)
+            metrics.update({f"gen_{k}": v for k, v in gen.items()})
+    summary = hist.summary() if hist else {"first_loss": None, "final_loss": None}
+    trainable = hist.trainable_params if hist else 0
     record = {
         "key": spec.key(), **asdict(spec), "label": spec.label(), "mode": settings.mode,
         "scaling_factor": spec.scaling_factor, **metrics,
-        "trainable": hist.trainable_params, "total": hist.total_params,
+        "trainable": trainable,
+        "total": hist.total_params if hist else sum(p.numel() for p in model.parameters()),
         "adapter_bytes": _stored_bytes(model, spec), "batch_size": batch,
-        "dtype": str(get_dtype()).replace("torch.", ""),
-        "train_s": hist.wall_time_s, "step_s": hist.median_step_s,
+        "dtype": "float32 weights, bfloat16 autocast" if amp else str(get_dtype()).replace("torch.", ""),
+        "train_s": hist.wall_time_s if hist else 0.0,
+        "step_s": hist.median_step_s if hist else None,
         "setup_s": setup_s, "eval_s": time.perf_counter() - t_eval,
-        "peak_memory_bytes": hist.peak_memory_bytes,
-        "memory_increase_bytes": hist.memory_increase_bytes,
+        "peak_memory_bytes": hist.peak_memory_bytes if hist else None,
+        "memory_increase_bytes": hist.memory_increase_bytes if hist else None,
         "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
-        "train_loss": hist.loss, "provenance": experiments.provenance(),
+        "train_loss": hist.loss if hist else [],
+        "curve": hist.evals if hist else [],
+        "provenance": experiments.provenance(),
     }
     return (record, model) if return_model else record
 

@@ -4,7 +4,10 @@ Every message comes from seeded code: a core template per intent (with paraphras
 ``[a|b]``), a random greeting, account reference, distractor sentence (phone numbers, dates, card
 digits: numbers that are neither the amount nor the account), urgency cue and sign-off, then typos
 and casing. A quarter of the core templates and urgency cues are held out: they appear only in
-the test split, so a model cannot score by remembering phrasings.
+the test split, so a model cannot score by remembering phrasings. For choosing hyper-parameters
+without looking at the test split, ``validation=True`` splits the *training* templates again the
+same way: a model is fitted on two thirds of them ("fit") and scored on the other third ("val"),
+unseen templates as in the test, and the test templates are never touched.
 
 - ``loan_intent``: {"intent": one of INTENTS, "amount": "250.00" or null, "account": "LN-48213" or null}
 - ``triage``: {"team": one of TEAMS, "urgency": "low" | "medium" | "high"}
@@ -147,10 +150,18 @@ def _add_typos(rng: random.Random, text: str, k: int) -> str:
 # ---------------------------------------------------------------- one message
 
 
+SPLITS = ("train", "test", "fit", "val")  # fit + val = train: the validation split of train
+
+
 def _in_split(items, split: str):
-    """The items of a list that belong to ``split`` (index % HELD_OUT_EVERY == 3 is test)."""
-    test = [(i, x) for i, x in enumerate(items) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    return test if split == "test" else [(i, x) for i, x in enumerate(items) if (i, x) not in test]
+    """The (index, item) pairs of a list that belong to ``split``, by index % HELD_OUT_EVERY.
+
+    test: 3; train: 0, 1, 2; and inside train, for choosing hyper-parameters: val: 2, fit: 0, 1.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    keep = {"test": (3,), "train": (0, 1, 2), "val": (2,), "fit": (0, 1)}[split]
+    return [(i, x) for i, x in enumerate(items) if i % HELD_OUT_EVERY in keep]
 
 
 def _message(rng: random.Random, intent: str, split: str) -> dict:
@@ -216,24 +227,32 @@ def _messages(n: int, seed: int, split: str) -> list[dict]:
     return [_message(rng, intent, split) for intent in intents]
 
 
-def _examples(task: str, n_train: int, n_test: int, seed: int, to_record) -> dict:
+def _examples(task: str, n_train: int, n_test: int, seed: int, to_record,
+              validation: bool = False) -> dict:
     out = {}
-    for split, n in (("train", n_train), ("test", n_test)):
+    splits = ("fit", "val") if validation else ("train", "test")
+    for split, source, n in (("train", splits[0], n_train), ("test", splits[1], n_test)):
         out[split] = []
-        for m in _messages(n, seed, split):
+        for m in _messages(n, seed, source):
             record = to_record(m)
             out[split].append(Example(task, m["message"], canonical_json(record, task),
                                       record, m["template_id"]))
     return out
 
 
-def loan_intent_task(n_train: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
-    """Loan-servicing messages -> {"intent", "amount", "account"}; test templates held out (chapter 1)."""
+def loan_intent_task(n_train: int, n_test: int, seed: int = 0,
+                     validation: bool = False) -> dict[str, list[Example]]:
+    """Loan-servicing messages -> {"intent", "amount", "account"}; test templates held out (chapter 1).
+
+    ``validation=True``: "train" from the fit templates, "test" from the val templates (both
+    inside the training templates): the split for choosing hyper-parameters (chapter 4).
+    """
     return _examples("loan_intent", n_train, n_test, seed, lambda m: {
-        "intent": m["intent"], "amount": m["amount"], "account": m["account"]})
+        "intent": m["intent"], "amount": m["amount"], "account": m["account"]}, validation)
 
 
-def triage_task(n_train: int, n_test: int, seed: int = 0) -> dict[str, list[Example]]:
+def triage_task(n_train: int, n_test: int, seed: int = 0,
+                validation: bool = False) -> dict[str, list[Example]]:
     """The same messages -> {"team", "urgency"}: a second task for adapter swapping (chapter 1)."""
     return _examples("triage", n_train, n_test, seed, lambda m: {
-        "team": TEAM_OF_INTENT[m["intent"]], "urgency": m["urgency"]})
+        "team": TEAM_OF_INTENT[m["intent"]], "urgency": m["urgency"]}, validation)

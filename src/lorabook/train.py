@@ -8,6 +8,7 @@ the model's ``forward(**batch)`` accepts, returning an output with ``.loss``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -36,6 +37,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, dropout and any fresh weights
     optimizer: str = "adamw"  # "adamw" (torch) or "paged_adamw" (bitsandbytes, CUDA only)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights, bf16 matmuls); None = off
     progress: bool = True  # show a tqdm progress bar
     desc: str = "train"  # progress-bar label
 
@@ -46,6 +48,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in ("adamw", "paged_adamw"):
             raise ValueError(f"optimizer must be 'adamw' or 'paged_adamw', got {self.optimizer!r}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
 
 
 @dataclass
@@ -144,6 +148,13 @@ def batches(items: Sequence, batch_size: int, seed: int):
             yield [items[j] for j in order[i:i + batch_size]]
 
 
+def autocast(device: torch.device, dtype: str | None):
+    """``torch.autocast`` on ``device`` in ``dtype`` ("bfloat16"), or a no-op for None (chapter 4)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
 def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
           collate_fn: Callable[[list], dict],
           eval_fn: Callable[[torch.nn.Module], dict] | None = None) -> History:
@@ -175,7 +186,8 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
             batch = {k: v.to(device) for k, v in collate_fn(next(stream)).items()}
             t0 = time.perf_counter()
             fed = skip_prompt_logits(model, batch)  # a causal LM: no output layer on the prompt
-            loss = model(**fed).loss
+            with autocast(device, config.autocast):
+                loss = model(**fed).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
             loss.backward()
@@ -196,7 +208,8 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
             last = step + 1 == config.steps
             if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 model.eval()
-                hist.evals.append({"step": step + 1, **eval_fn(model)})
+                with autocast(device, config.autocast):
+                    hist.evals.append({"step": step + 1, **eval_fn(model)})
                 model.train()
     hist.wall_time_s = time.perf_counter() - t_start
     hist.peak_memory_bytes = bench.peak_memory(device)

