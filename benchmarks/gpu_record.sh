@@ -40,7 +40,7 @@ print('adapters:', [round(x, 3) for x in h.loss])
 fi
 [ "${1:-}" = grid ] || { echo "usage: $0 probe|grid"; exit 2; }
 t0=$(date +%s)
-cat .devA/part* .devB/part* .devC/part* > /tmp/payload.tar.xz || exit 3
+cat /tmp/parts/part0 /tmp/parts/part1 .devC/part2 > /tmp/payload.tar.xz || exit 3
 echo "payload sha256 $(sha256sum /tmp/payload.tar.xz | cut -c1-64) expected $(cat .devC/sha256)"
 python3 -c "import lzma, tarfile; tarfile.open(fileobj=lzma.open('/tmp/payload.tar.xz'), mode='r|').extractall('/tmp')" || exit 4
 export LORABOOK_MODE=record OMP_NUM_THREADS=1 LORABOOK_COMMIT=$(cat .devC/commit)

@@ -240,7 +240,7 @@ def encoder_data(tokenizer, settings: RunSettings, validation: bool = False) -> 
     """
     n_train, n_test = settings.encoder_train, settings.encoder_eval
     if validation:  # the fit/val pools are three quarters and a quarter of the training movies
-        n_train, n_test = (3 * n_train) // 4, n_test // 2
+        n_train, n_test = n_train // 2, n_test // 2
     reviews = data.load_reviews(n_train, n_test, validation=validation)
     return {"items": data.tokenize_encoder(tokenizer, *reviews["train"], max_length=ENCODER_MAX_LENGTH),
             "test_batches": data.encoder_batches(tokenizer, *reviews["test"], batch_size=EVAL_BATCH,
