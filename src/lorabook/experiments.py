@@ -36,8 +36,9 @@ def provenance(extra: dict | None = None) -> dict:
                                 text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    # A copy of the tree without .git (e.g. on a lent GPU machine) is told its commit instead.
-    commit = commit or os.environ.get("LORABOOK_COMMIT", "") or "unknown"
+    # A copy of the tree sent elsewhere (a lent GPU machine) may carry a stale .git or none:
+    # $LORABOOK_COMMIT, when set, names the commit that was sent.
+    commit = os.environ.get("LORABOOK_COMMIT") or commit or "unknown"
     return {"command": " ".join(sys.argv), "commit": commit, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "platform": platform.platform(), **describe(), **(extra or {})}
 

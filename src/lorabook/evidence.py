@@ -1,0 +1,451 @@
+"""The evidence path: records -> statistics -> verdicts -> the claims ledger (chapter 4, ledger page).
+
+- **Records**: the results files of ``lorabook.record`` (``benchmarks/results/{model}_record*.jsonl``);
+  every test run keeps each test example's 1/0 score (``per_example``).
+- **Statistics**: a configuration's score is the mean over its seeds and the test examples; its
+  95% interval comes from a bootstrap that resamples seeds *and* examples. A difference between two
+  configurations resamples the *same* examples for both (paired on the test messages) and each
+  arm's seeds independently. Resampling both seeds and examples is conservative: with no seed
+  effect at all it counts the per-example noise twice (an interval up to about 1.4x too wide);
+  with one seed it is the plain bootstrap over examples.
+- **Verdicts**: rules fixed before the grid ran (the runs-of-record issue states them):
+  "reaches" = the interval of the difference lies within +-``MARGIN``; "below" / "above" = the
+  interval lies on one side of 0 without being within the margin; "undecided" otherwise. With
+  fewer than ``MIN_SEEDS`` seeds on either side a verdict is marked provisional.
+- **Ledger**: one row per claim of the talk, with its estimate, verdict, records and chapter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lorabook.results import read_results
+
+MARGIN = 0.03  # "reaches" = the difference's 95% interval lies within +-3 points
+MIN_SEEDS = 3  # fewer seeds on either side: the verdict is provisional
+N_BOOT = 4000  # bootstrap resamples
+LEVEL = 0.95  # interval coverage
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean (or a difference of means) with its bootstrap interval (chapter 4)."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int  # seeds behind it (the smaller arm's, for a difference)
+    examples: int  # test examples per seed
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+# ---------------------------------------------------------------- records
+
+
+def record_path(model: str, folder: str | os.PathLike | None = None) -> Path | None:
+    """The results file of record for ``model``: the GPU file if present, else the CPU one (chapter 4).
+
+    Looked for in ``folder``, else ``$LORABOOK_RESULTS``, else ``benchmarks/results`` of the
+    repository this package was installed from or above the current directory.
+    """
+    if folder is not None:
+        folders = [Path(folder)]
+    elif os.environ.get("LORABOOK_RESULTS"):
+        folders = [Path(os.environ["LORABOOK_RESULTS"])]
+    else:
+        roots = [Path(__file__).resolve().parents[2], Path.cwd(), *Path.cwd().parents]
+        folders = [root / "benchmarks" / "results" for root in roots]
+    for name in (f"{model}_record_gpu.jsonl", f"{model}_record.jsonl"):
+        for f in folders:
+            if (f / name).is_file() and len(read_results(f / name)[1]) > 0:
+                return f / name
+    return None
+
+
+def test_runs(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(header, runs scored on the test split with per-example scores) of a results file (chapter 4).
+
+    For the LM, the constant-reply baseline (``constant_baseline``, computed from the task data of
+    the file's settings, no training) is added as one more run, method "constant".
+    """
+    header, records = read_results(path)
+    runs = [r for r in records if r.get("split") is None and r.get("per_example")]
+    if runs and runs[0].get("model") == "lm":
+        settings = header["settings"]
+        base = constant_baseline(settings["n_train"], settings["n_eval"])
+        runs.append({"key": "constant reply (computed from the training data, no model)",
+                     "model": "lm", "method": "constant", "seed": 0, "split": None,
+                     "label": "constant reply", "trainable": 0, "score": base["exact"],
+                     **{f"gen_{k}": v for k, v in base.items() if k.endswith("accuracy")},
+                     "gen_exact_match": base["exact"], "per_example": base["per_example"]})
+    return header, runs
+
+
+def select(runs: Sequence[dict], **fields) -> list[dict]:
+    """The runs whose fields equal ``fields`` (e.g. method="lora", r=8, targets="all") (chapter 4)."""
+    return [r for r in runs if all(r.get(k) == v for k, v in fields.items())]
+
+
+def score_matrix(runs: Sequence[dict]) -> np.ndarray:
+    """(seeds, examples) 0/1 matrix of a configuration's runs, one row per seed (chapter 4)."""
+    if not runs:
+        raise ValueError("no runs: this configuration has no records yet")
+    rows = [np.frombuffer(r["per_example"].encode(), dtype=np.uint8) - ord("0") for r in runs]
+    if len({len(x) for x in rows}) != 1:
+        raise ValueError("the runs were scored on different numbers of test examples")
+    seeds = [r.get("seed") for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"runs share a seed ({seeds}): pass one configuration at a time")
+    return np.stack(rows).astype(float)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _resampled_means(M: np.ndarray, examples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap means of M (S, N): seeds drawn with replacement, examples given (B, N)."""
+    S = M.shape[0]
+    seeds = rng.integers(0, S, size=(examples.shape[0], S))  # (B, S)
+    rows = M[seeds]  # (B, S, N)
+    picked = np.take_along_axis(rows, examples[:, None, :].repeat(S, axis=1), axis=2)
+    return picked.mean(axis=(1, 2))  # (B,)
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    tail = (1 - LEVEL) / 2
+    return float(np.quantile(samples, tail)), float(np.quantile(samples, 1 - tail))
+
+
+def estimate(M: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """Mean of a (seeds, examples) score matrix and its 95% bootstrap interval (chapter 4)."""
+    M = np.asarray(M, dtype=float)
+    if M.ndim != 2 or M.size == 0:
+        raise ValueError(f"expected a non-empty (seeds, examples) matrix, got shape {M.shape}")
+    rng = np.random.default_rng(seed)
+    examples = rng.integers(0, M.shape[1], size=(n_boot, M.shape[1]))
+    low, high = _interval(_resampled_means(M, examples, rng))
+    return Estimate(float(M.mean()), low, high, M.shape[0], M.shape[1])
+
+
+def difference(A: np.ndarray, B: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """mean(A) - mean(B), paired on the test examples (same resampled examples for both) (chapter 4)."""
+    A, B = np.asarray(A, dtype=float), np.asarray(B, dtype=float)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+        raise ValueError(f"A and B must be (seeds, examples) on the same examples, got {A.shape} "
+                         f"and {B.shape}")
+    rng = np.random.default_rng(seed)
+    examples = rng.integers(0, A.shape[1], size=(n_boot, A.shape[1]))
+    diffs = _resampled_means(A, examples, rng) - _resampled_means(B, examples, rng)
+    low, high = _interval(diffs)
+    return Estimate(float(A.mean() - B.mean()), low, high, min(A.shape[0], B.shape[0]), A.shape[1])
+
+
+def verdict(diff: Estimate, margin: float = MARGIN, min_seeds: int = MIN_SEEDS) -> str:
+    """"reaches" (interval within +-margin), "above", "below" or "undecided" (chapter 4).
+
+    Prefixed with "provisional: " when fewer than ``min_seeds`` seeds stand behind it.
+    """
+    if diff.low >= -margin and diff.high <= margin:
+        word = "reaches"
+    elif diff.low > 0:
+        word = "above"
+    elif diff.high < 0:
+        word = "below"
+    else:
+        word = "undecided"
+    return word if diff.seeds >= min_seeds else f"provisional: {word}"
+
+
+# ---------------------------------------------------------------- baselines without training
+
+
+def constant_reply(train_records: Sequence[dict]) -> dict:
+    """The best constant reply: each field's most common value in the training records (chapter 4)."""
+    if not train_records:
+        raise ValueError("constant_reply needs training records")
+    keys = list(train_records[0])
+    return {k: Counter(r[k] for r in train_records).most_common(1)[0][0] for k in keys}
+
+
+def constant_baseline(n_train: int, n_test: int, seed: int = 0) -> dict:
+    """The loan task's constant-reply baseline on the test split: reply, exact per example, fields (chapter 4)."""
+    from lorabook.tasks import TASK_KEYS, loan_intent_task
+
+    split = loan_intent_task(n_train, n_test, seed=seed)
+    reply = constant_reply([ex.record for ex in split["train"]])
+    exact = [int(ex.record == reply) for ex in split["test"]]
+    fields = {k: float(np.mean([ex.record[k] == reply[k] for ex in split["test"]]))
+              for k in TASK_KEYS["loan_intent"]}
+    return {"reply": reply, "per_example": "".join(map(str, exact)), "exact": float(np.mean(exact)),
+            "field_accuracy": float(np.mean(list(fields.values()))), **{f"{k}_accuracy": v
+                                                                     for k, v in fields.items()}}
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the talk, decided by comparing two configurations of the records (ledger)."""
+
+    talk: str  # the claim, as the talk states it
+    chapter: str  # where the book shows it
+    a: dict  # fields selecting configuration A (e.g. {"method": "lora", "r": 8, ...})
+    b: dict  # fields selecting configuration B (the reference)
+    rule: str = "reaches"  # "reaches": is A within the margin of B; "above": is A above B
+
+    def decide(self, diff: Estimate) -> str:
+        """The verdict by this claim's rule: verdict() for "reaches", else "holds" / "does not hold"."""
+        word = verdict(diff)
+        if self.rule == "reaches":
+            return word
+        core = word.removeprefix("provisional: ")
+        said = {"above": "holds", "reaches": "does not hold (within the margin)",
+                "below": "does not hold (below)", "undecided": "undecided"}[core]
+        return said if core == word else f"provisional: {said}"
+
+
+def _lora(r: int, targets: str, scaling: str = "rslora") -> dict:
+    return {"method": "lora", "r": r, "targets": targets, "scaling": scaling}
+
+
+FULL = {"method": "full"}
+UNTRAINED = ("none", "constant")  # deterministic: one run stands for every seed
+LM_CLAIMS = (
+    Claim("Fine-tuning is needed: the base model does not do the task zero-shot",
+          "1", FULL, {"method": "none"}, rule="above"),
+    Claim("Fine-tuning learns more than a constant reply (each field's most common value)",
+          "1", FULL, {"method": "constant"}, rule="above"),
+    Claim("LoRA (r = 8, all linear layers) reaches full fine-tuning", "3", _lora(8, "all"), FULL),
+    Claim("Ranks of 1-2 already work: r = 1 reaches full fine-tuning", "4", _lora(1, "all"), FULL),
+    Claim("Ranks of 1-2 already work: r = 2 reaches full fine-tuning", "4", _lora(2, "all"), FULL),
+    Claim("As r grows LoRA recovers full fine-tuning: r = 64 reaches it", "4", _lora(64, "all"), FULL),
+    Claim("Larger r is not needed: r = 1 reaches r = 64", "4", _lora(1, "all"), _lora(64, "all")),
+    Claim("Fixed budget (Table 5): W_q, W_v at r = 4 beat W_q alone at r = 8", "4",
+          _lora(4, "qv"), _lora(8, "q"), rule="above"),
+    Claim("Fixed budget (Table 5): all attention at r = 2 reaches W_q, W_v at r = 4", "4",
+          _lora(2, "attn"), _lora(4, "qv")),
+    Claim("All linear layers beat W_q, W_v alone at r = 8 (QLoRA, section 4)", "4",
+          _lora(8, "all"), _lora(8, "qv"), rule="above"),
+    Claim("The alpha / r confound: at r = 64, alpha / r trains like alpha / sqrt(r)", "4",
+          _lora(64, "all", "lora"), _lora(64, "all")),
+    Claim("Adapter layers (bottleneck 8) reach full fine-tuning", "1",
+          {"method": "adapter", "size": 8}, FULL),
+    Claim("Prefix tuning (32 tokens) reaches full fine-tuning", "1",
+          {"method": "prefix", "size": 32}, FULL),
+)
+ENCODER_CLAIMS = (
+    Claim("Encoder: LoRA (r = 8, W_q, W_v) reaches full fine-tuning", "4", _lora(8, "qv"), FULL),
+    Claim("Encoder: LoRA r = 1 on W_q, W_v reaches full fine-tuning", "4", _lora(1, "qv"), FULL),
+    Claim("Encoder: LoRA r = 64 on all layers reaches full fine-tuning", "4", _lora(64, "all"), FULL),
+)
+
+
+def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
+    a, b = select(runs, **claim.a), select(runs, **claim.b)
+    row = {"claim": claim.talk, "chapter": claim.chapter, "file": file}
+    if not a or not b:
+        missing = " and ".join(name for name, x in (("A", a), ("B", b)) if not x)
+        return {**row, "A": None, "B": None, "difference": None, "low": None, "high": None,
+                "seeds": 0, "verdict": f"no records yet ({missing})", "keys": ""}
+    A, B = score_matrix(a), score_matrix(b)
+    diff = difference(A, B)
+    if claim.b.get("method") in UNTRAINED:  # no seeds to vary: A's seeds are what count
+        diff = Estimate(diff.mean, diff.low, diff.high, A.shape[0], diff.examples)
+    return {**row, "A": float(A.mean()), "B": float(B.mean()), "difference": diff.mean,
+            "low": diff.low, "high": diff.high, "seeds": diff.seeds,
+            "verdict": claim.decide(diff), "keys": "; ".join(r["key"] for r in a + b)}
+
+
+def ledger(files: dict[str, str | os.PathLike | None] | None = None,
+           claims: dict[str, Sequence[Claim]] | None = None, learned: bool = True) -> pd.DataFrame:
+    """The claims ledger: each claim, A and B's scores, the difference with its 95% interval,
+    the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder" to
+    a results file (default: ``record_path``). ``learned`` adds the rows of
+    ``what_was_learned`` (Table 7, Figure 3) when the adapters' factors are stored."""
+    claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS}
+    files = files if files is not None else {m: record_path(m) for m in claims}
+    rows = []
+    for model, model_claims in claims.items():
+        path = files.get(model)
+        runs = test_runs(path)[1] if path else []
+        name = Path(path).name if path else "(none)"
+        rows += [_row(c, runs, name) for c in model_claims]
+        if model == "lm" and path and learned:
+            rows += learned_rows(Records(Path(path), {}, runs))
+    return pd.DataFrame(rows)
+
+
+def learned_rows(records: Records) -> list[dict]:
+    """Ledger rows for what the adapters learned (Table 7, Figure 3); none without stored factors."""
+    w = what_was_learned(records)
+    if not w:
+        return []
+    amp = w["amplification"]
+    where = f"{w['layer']}, LoRA r = 8 (r = 64) on all layers, seed 0"
+    holds = amp["proj_delta"] < 0.5 * amp["proj_w"]
+    return [
+        {"claim": "Interpretable: delta_W amplifies directions W0 does not emphasise (Table 7): "
+                  "||U^T W0 V|| on delta_W's top-8 directions (A) against W0's own (B)",
+         "chapter": "4", "file": records.path.name, "A": amp["proj_delta"], "B": amp["proj_w"],
+         "difference": None, "low": None, "high": None, "seeds": 1,
+         "verdict": "provisional: " + ("holds" if holds else "does not hold")
+                    + f" (amplification factor {amp['factor']:.1f}; random directions "
+                      f"{amp['proj_random']:.2f}; one layer)",
+         "keys": where},
+        {"claim": "Figure 3: the top direction of A is shared by r = 8 and r = 64 "
+                  "(phi(1, 1) > 0.5; A: phi, B: its value for random directions)",
+         "chapter": "4", "file": records.path.name, "A": w["phi_r8_r64"], "B": w["phi_random"],
+         "difference": None, "low": None, "high": None, "seeds": 1,
+         "verdict": "provisional: " + ("holds" if w["phi_r8_r64"] > 0.5 else "does not hold")
+                    + (f" (between two seeds at r = 8: {w['phi_seeds']:.3f}; one layer)"
+                       if "phi_seeds" in w else " (one layer)"),
+         "keys": where},
+    ]
+
+
+def short_label(run: dict) -> str:
+    """A few characters naming a configuration on a crowded plot: "r=8 all", "b=8", "P=32" (chapter 4)."""
+    method = run.get("method")
+    if method == "lora":
+        return f"r={run['r']} {run['targets']}" + ("" if run.get("scaling") == "rslora" else " a/r")
+    return {"full": "full", "adapter": f"b={run.get('size')}", "prefix": f"P={run.get('size')}",
+            "none": "zero-shot", "constant": "constant"}.get(method, str(method))
+
+
+@dataclass(frozen=True)
+class Records:
+    """A results file of record, read: its path, header and test runs (chapter 4)."""
+
+    path: Path
+    header: dict
+    runs: list
+
+    @property
+    def provenance(self) -> dict:
+        """Where the runs came from: setting, hardware, dtype, commits, dates, the command (chapter 4)."""
+        made = [r["provenance"] for r in self.runs if "provenance" in r]
+        settings = self.header.get("settings", {})
+        return {
+            "file": f"benchmarks/results/{self.path.name}",
+            "setting": self.header.get("mode"),
+            "steps x batch": f"{settings.get('train_steps')} x {settings.get('batch_size')}"
+            if self.runs and self.runs[0].get("model") == "lm"
+            else f"{settings.get('encoder_steps')} x 16",
+            "test examples": len(self.runs[0]["per_example"]) if self.runs else 0,
+            "runs": len([r for r in self.runs if r.get("method") != "constant"]),
+            "hardware": sorted({m.get("device_name", "?") for m in made}),
+            "dtype": sorted({r.get("dtype") for r in self.runs if r.get("dtype")}),
+            "commits": sorted({m.get("commit", "?")[:10] for m in made}),
+            "made": f"{min(m['created'] for m in made)} to {max(m['created'] for m in made)}"
+            if made else "",
+            "command": f"LORABOOK_MODE=record python -m lorabook.record --model "
+                       f"{self.runs[0].get('model') if self.runs else '?'} "
+                       f"--out benchmarks/results/{self.path.name}",
+        }
+
+
+def load(model: str, folder: str | os.PathLike | None = None) -> Records | None:
+    """The records of ``model`` ("lm" or "encoder"), or None when none are stored (chapter 4)."""
+    path = record_path(model, folder)
+    if path is None:
+        return None
+    header, runs = test_runs(path)
+    return Records(path, header, runs)
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a Markdown table (wraps in the rendered page, unlike a wide HTML table)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+def summary_table(runs: Sequence[dict], by: Sequence[str] = ("method", "targets", "r", "scaling",
+                                                              "size"),
+                  label: Callable[[dict], str] | None = None) -> pd.DataFrame:
+    """Per configuration: label, seeds, trainable parameters, mean score and 95% interval (chapter 4)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+    rows = []
+    for key, group in groups.items():
+        est = estimate(score_matrix(group))
+        rows.append({**dict(zip(by, key, strict=True)),
+                     "label": label(group[0]) if label else group[0].get("label", ""),
+                     "short": short_label(group[0]),
+                     "seeds": est.seeds, "trainable": group[0].get("trainable"),
+                     "score": est.mean, "low": est.low, "high": est.high})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- what the adapters learned
+
+
+SUBSPACE_LAYER = "model.layers.14.self_attn.q_proj"  # the middle block's W_q (the paper: layer 48 of 96)
+
+
+def stored_factors(records: Records) -> dict:
+    """{run key: {layer: {"A", "B", "scaling"}}} kept beside a results file (``lorabook.record``)."""
+    import torch
+
+    path = records.path.with_suffix(".factors.pt")
+    return torch.load(path) if path.exists() else {}
+
+
+def _base_weight(name: str):
+    """W0 of one layer of the offline LM, read from its safetensors file alone (no model load)."""
+    from safetensors import safe_open
+
+    from lorabook.models import lm_path
+
+    with safe_open(str(lm_path() / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(f"{name}.weight").float()
+
+
+def _key_of(records: Records, **fields) -> str | None:
+    runs = select(records.runs, **fields)
+    return runs[0]["key"] if runs else None
+
+
+def what_was_learned(records: Records, layer: str = SUBSPACE_LAYER) -> dict:
+    """The LoRA paper's Figure 3 and Table 7 on the stored adapters of record (chapter 4, ledger).
+
+    ``phi_r8_r64``: phi(A_8, A_64, 1, 1), the top direction shared by r = 8 and r = 64 (seed 0);
+    ``phi_seeds``: the same between two seeds at r = 8; ``phi_random``: its value for random
+    directions (1 / in_features). ``amplification``: ``analysis.amplification`` of W0 by
+    delta_W = scaling B A at r = 8 (||U^T W0 V||_F for delta_W's, W0's own and random directions).
+    Empty when the factors are not stored.
+    """
+    from lorabook.analysis import amplification, subspace_similarity
+
+    factors = stored_factors(records)
+    keys = {name: _key_of(records, method="lora", targets="all", scaling="rslora", r=r, seed=s)
+            for name, r, s in (("r8", 8, 0), ("r64", 64, 0), ("r8_seed1", 8, 1))}
+    if not all(keys[k] in factors for k in ("r8", "r64")):
+        return {}
+    A = {k: factors[v][layer]["A"].float() for k, v in keys.items() if v in factors}
+    out = {"layer": layer, "keys": keys,
+           "phi_r8_r64": subspace_similarity(A["r8"], A["r64"], 1, 1),
+           "phi_random": 1 / A["r8"].shape[1]}
+    if "r8_seed1" in A:
+        out["phi_seeds"] = subspace_similarity(A["r8"], A["r8_seed1"], 1, 1)
+    f = factors[keys["r8"]][layer]
+    delta = f["scaling"] * (f["B"].float() @ f["A"].float())  # (out, in)
+    out["amplification"] = amplification(_base_weight(layer), delta, r=8)
+    return out

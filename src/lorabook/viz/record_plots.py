@@ -1,0 +1,112 @@
+"""Figures of the runs of record: scores with 95% intervals, the rank series, score against
+trainable parameters, learning curves (chapters 1, 3, 4 and the claims ledger).
+
+Every score axis starts at 0 and ends at 1 (a stated origin: no truncated axis magnifies a
+difference), and every point carries its bootstrap interval from ``lorabook.evidence``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from lorabook.viz.plots import color, use_style
+
+METHOD_COLOR = {"full": "full", "lora": "lora", "adapter": "adapter", "prefix": "prefix",
+                "none": "base", "constant": "random"}
+
+
+def _err(table: pd.DataFrame) -> np.ndarray:
+    return np.vstack([table["score"] - table["low"], table["high"] - table["score"]])
+
+
+def scores_figure(table: pd.DataFrame, title: str, xlabel: str) -> Figure:
+    """One row per configuration: mean score and its 95% interval, on a 0-1 axis (chapter 1)."""
+    use_style()
+    table = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(table) + 1.8))
+    y = np.arange(len(table))[::-1]
+    colors = [color(METHOD_COLOR.get(m, "lora")) for m in table["method"]]
+    ax.barh(y, table["score"], color=colors, alpha=0.35)
+    ax.errorbar(table["score"], y, xerr=_err(table), fmt="o", color="black", capsize=4)
+    labels = [f"{lab}  ({s} seed{'s' if s != 1 else ''})" for lab, s in
+              zip(table["label"], table["seeds"], strict=True)]
+    ax.set_yticks(y, labels)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
+                       ylabel: str) -> Figure:
+    """Score against r (log2 axis) per series (targets, scaling), with intervals and full FT's band (chapter 4)."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    lora = table[table["method"] == "lora"]
+    styles = ["-o", "--s", ":^", "-.D", "-v"]
+    series_colors = [color("lora"), color("adapter"), color("qlora"), color("prefix")]
+    for i, ((targets, scaling), g) in enumerate(lora.groupby(["targets", "scaling"], sort=True)):
+        g = g.sort_values("r")
+        name = f"LoRA on {targets}, " + ("alpha / sqrt(r)" if scaling == "rslora" else "alpha / r")
+        ax.errorbar(g["r"], g["score"], yerr=_err(g), fmt=styles[i % len(styles)], capsize=4,
+                    label=name, color=series_colors[i % len(series_colors)]
+                    if scaling == "rslora" else color("random"))
+    if full is not None:
+        ax.axhspan(full["low"], full["high"], color=color("full"), alpha=0.2)
+        ax.axhline(full["score"], color=color("full"), label="full fine-tuning (95% interval)")
+    ranks = sorted(lora["r"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(int(r)) for r in ranks])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("LoRA rank r (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def params_figure(table: pd.DataFrame, title: str, ylabel: str) -> Figure:
+    """Score against trainable parameters (log axis) for every method, with intervals (chapter 4)."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    trained = table[table["trainable"].fillna(0) > 0]
+    for method, g in trained.groupby("method", sort=False):
+        ax.errorbar(g["trainable"], g["score"], yerr=_err(g), fmt="o", capsize=4, ms=7,
+                    color=color(METHOD_COLOR.get(method, "lora")), label=method)
+        for _, row in g.iterrows():  # LoRA: the rank series on all layers only (no clutter)
+            if method != "lora" or (row["targets"] == "all" and row["scaling"] == "rslora"):
+                ax.annotate(row["short"], (row["trainable"], row["score"]),
+                            textcoords="offset points", xytext=(6, -14), fontsize=11)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(runs: Sequence[dict], title: str, ylabel: str) -> Figure:
+    """Held-out score every few steps (the learning curve of each run) (chapter 1)."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run in runs:
+        steps = [p["step"] for p in run["curve"]]
+        ax.plot(steps, [p["score"] for p in run["curve"]], "-o", alpha=0.8,
+                color=color(METHOD_COLOR.get(run["method"], "lora")),
+                label=f"{run['label']}, seed {run['seed']}")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=10)
+    fig.tight_layout()
+    return fig

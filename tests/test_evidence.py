@@ -1,0 +1,138 @@
+"""lorabook.evidence: bootstrap intervals, paired differences and verdicts on data with known answers."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorabook import evidence
+from lorabook.evidence import Estimate, difference, estimate, verdict
+from lorabook.results import append_record, open_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_estimate_of_a_constant_matrix_has_no_width():
+    est = estimate(np.ones((3, 50)))
+    assert (est.mean, est.low, est.high, est.seeds, est.examples) == (1.0, 1.0, 1.0, 3, 50)
+
+
+def test_one_seed_gives_the_binomial_interval():
+    M = (np.random.default_rng(1).random((1, 2000)) < 0.7).astype(float)
+    est = estimate(M)
+    assert est.low < 0.7 < est.high
+    se = np.sqrt(0.7 * 0.3 / M.size)
+    assert est.high - est.low == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_resampling_seeds_and_examples_is_conservative():
+    """With no seed effect at all the crossed bootstrap counts the noise twice: wider, never narrower."""
+    M = (np.random.default_rng(1).random((3, 2000)) < 0.7).astype(float)
+    est = estimate(M)
+    binomial = 2 * 1.96 * np.sqrt(0.7 * 0.3 / M.size)
+    assert est.low < 0.7 < est.high
+    assert binomial < est.high - est.low < 2.2 * binomial
+
+
+def test_seed_spread_widens_the_interval():
+    rng = np.random.default_rng(2)
+    same = np.tile((rng.random(400) < 0.5).astype(float), (3, 1))
+    shifted = same.copy()
+    shifted[0, :120] = 1  # one seed much better than the others
+    shifted[1, :120] = 0
+    assert estimate(shifted).high - estimate(shifted).low > estimate(same).high - estimate(same).low
+
+
+def test_a_paired_difference_of_identical_runs_is_exactly_zero():
+    M = (np.random.default_rng(3).random((1, 300)) < 0.6).astype(float)
+    d = difference(M, M)
+    assert (d.mean, d.low, d.high) == (0.0, 0.0, 0.0)
+
+
+def test_pairing_on_examples_narrows_the_difference():
+    rng = np.random.default_rng(4)
+    B = (rng.random((1, 500)) < 0.6).astype(float)
+    A = B.copy()
+    A[0, np.flatnonzero(B[0] == 0)[:25]] = 1  # A = B plus 25 more right: +0.05 exactly
+    d = difference(A, B)
+    assert d.mean == pytest.approx(0.05)
+    unpaired = np.sqrt(2 * 0.6 * 0.4 / 500) * 2 * 1.96  # width if the examples were independent
+    assert d.high - d.low < unpaired / 2
+    assert d.low > 0
+
+
+def test_difference_needs_the_same_examples():
+    with pytest.raises(ValueError, match="same examples"):
+        difference(np.ones((1, 3)), np.ones((1, 4)))
+
+
+@pytest.mark.parametrize("low, high, seeds, word", [
+    (-0.02, 0.02, 3, "reaches"), (0.01, 0.10, 5, "above"), (-0.2, -0.05, 3, "below"),
+    (-0.05, 0.04, 3, "undecided"), (-0.01, 0.01, 1, "provisional: reaches"),
+    (-0.03, -0.001, 3, "reaches"),  # within the margin wins over "below"
+])
+def test_verdict_rules(low, high, seeds, word):
+    assert verdict(Estimate((low + high) / 2, low, high, seeds, 100)) == word
+
+
+def test_claims_with_the_above_rule():
+    claim = evidence.Claim("x", "4", {}, {}, rule="above")
+    assert claim.decide(Estimate(0.1, 0.05, 0.15, 3, 10)) == "holds"
+    assert claim.decide(Estimate(0.0, -0.01, 0.01, 3, 10)) == "does not hold (within the margin)"
+    assert claim.decide(Estimate(0.1, 0.05, 0.15, 1, 10)) == "provisional: holds"
+
+
+def test_constant_reply_takes_each_fields_most_common_value():
+    recs = [{"intent": "a", "amount": None}, {"intent": "b", "amount": None},
+            {"intent": "a", "amount": "5.00"}]
+    assert evidence.constant_reply(recs) == {"intent": "a", "amount": None}
+
+
+def test_constant_baseline_scores_the_reply_it_names():
+    base = evidence.constant_baseline(200, 100)
+    assert len(base["per_example"]) == 100
+    assert base["exact"] == pytest.approx(base["per_example"].count("1") / 100)
+    assert 0 <= base["exact"] <= base["intent_accuracy"] <= 1
+
+
+def _file(tmp_path, runs):
+    from lorabook.config import get_settings
+
+    path = tmp_path / "lm_record.jsonl"
+    open_results(path, get_settings("fast"))
+    for i, (fields, bits) in enumerate(runs):
+        append_record(path, {"key": f"k{i}", "split": None, "per_example": bits, **fields})
+    return path
+
+
+def test_ledger_rows_from_a_file(tmp_path):
+    full = {"method": "full", "seed": 0}
+    lora = {"method": "lora", "r": 8, "targets": "all", "scaling": "rslora", "seed": 0}
+    path = _file(tmp_path, [(full, "1111011110"), (lora, "1111011100")])
+    claims = {"lm": (evidence.LM_CLAIMS[2], evidence.LM_CLAIMS[3])}  # r = 8 (present), r = 1 (not)
+    table = evidence.ledger({"lm": path}, claims)
+    row = table.iloc[0]
+    assert (row["A"], row["B"], row["difference"]) == (0.7, 0.8, pytest.approx(-0.1))
+    assert row["verdict"].startswith("provisional: ")
+    assert table.iloc[1]["verdict"] == "no records yet (A)"
+    assert evidence.record_path("lm", tmp_path) == path
+
+
+def test_the_ledger_recomputes_from_the_stored_records():
+    """Two of the ledger's numbers, recomputed from the committed file with plain json."""
+    path = evidence.record_path("lm", ROOT / "benchmarks" / "results")
+    if path is None:
+        pytest.skip("no LM records committed")
+    lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    test = [r for r in lines if r.get("split") is None]
+
+    def mean_of(**f):
+        bits = "".join(r["per_example"] for r in test if all(r.get(k) == v for k, v in f.items()))
+        return bits.count("1") / len(bits)
+
+    table = evidence.ledger({"lm": path}, {"lm": (evidence.LM_CLAIMS[0], evidence.LM_CLAIMS[2])})
+    zero_shot, lora = table.iloc[0], table.iloc[1]
+    assert zero_shot["B"] == pytest.approx(mean_of(method="none"))
+    assert lora["A"] == pytest.approx(mean_of(method="lora", r=8, targets="all", scaling="rslora"))
+    assert lora["B"] == pytest.approx(mean_of(method="full"))
