@@ -25,7 +25,7 @@ def test_bad_mode_is_a_clear_error(monkeypatch):
 
 
 def test_fast_does_less_work_than_cpu_than_gpu():
-    fast, cpu, gpu = (config.get_settings(m) for m in config.MODES)
+    fast, cpu, gpu = (config.get_settings(m) for m in ("fast", "cpu", "gpu"))
     for field in ("train_steps", "n_train", "n_eval", "encoder_steps", "latency_repeats"):
         assert getattr(fast, field) < getattr(cpu, field) < getattr(gpu, field), field
 
@@ -48,3 +48,9 @@ def test_seed_everything_repeats_random_draws():
     a = torch.randn(4)
     config.seed_everything(3)
     assert torch.equal(a, torch.randn(4))
+
+
+def test_the_record_setting_trains_to_convergence_on_200_or_more_test_messages():
+    record, cpu = config.get_settings("record"), config.get_settings("cpu")
+    assert record.n_eval >= 200 and record.seeds >= 3
+    assert record.train_steps * record.batch_size > 10 * cpu.train_steps * cpu.batch_size

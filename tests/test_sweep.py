@@ -51,7 +51,7 @@ def test_lora_parameter_count_is_what_apply_lora_trains(tiny_bert, tiny_llama):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"model": "gpt"}, "model must be one of"),
-    ({"method": "prefix"}, "method must be one of"),
+    ({"method": "ia3"}, "method must be one of"),
     ({"r": 0}, "rank r >= 1"),
     ({"r": 2.0}, "rank r >= 1"),
     ({"r": True}, "rank r >= 1"),
@@ -344,3 +344,50 @@ def test_run_one_on_the_real_lm():
     assert record["trainable"] == 30 * 1 * (576 + 576)
     assert record["score"] == record["exact"] and 0 <= record["token_accuracy"] <= 1
     assert math.isfinite(record["loss"]) and record["adapter_bytes"] == 4 * record["trainable"]
+
+
+# ---------------------------------------------------------------- methods of the runs of record
+
+
+def test_adapter_prefix_and_no_training_specs():
+    a = RunSpec("lm", "adapter", size=8)
+    assert a.key().endswith("size=8") and a.label() == "adapters (bottleneck 8)"
+    assert a.resolved(FAST).lr == sweep.ADAPTER_LR["lm"]
+    p = RunSpec("lm", "prefix", size=32, seed=1)
+    assert p.label() == "prefix tuning (32 tokens)" and p.scaling is None
+    none = RunSpec("lm", "none")
+    assert none.resolved(FAST) == none  # nothing to train: no lr, no steps
+    assert none.label() == "no training (zero-shot)"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="lm", method="adapter"), "int size"),
+    (dict(model="lm", method="prefix", size=0), "int size"),
+    (dict(model="encoder", method="prefix", size=8), "causal LM only"),
+    (dict(model="encoder", method="none"), "causal LM only"),
+    (dict(model="lm", method="full", size=8), "has no size"),
+    (dict(model="lm", method="lora", r=8, targets="qv", size=8), "has no size"),
+    (dict(model="lm", method="adapter", size=8, r=2), "has no r"),
+    (dict(model="lm", method="full", split="test"), "split must be"),
+])
+def test_bad_specs_of_the_new_methods(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunSpec(**kwargs)
+
+
+def test_old_keys_are_unchanged_by_the_new_fields():
+    """Stored sweeps resume by key: size and split appear only when set."""
+    spec = RunSpec("lm", "lora", 8, "qv", seed=1, steps=40)
+    assert spec.key() == "lm|lora|r=8|targets=qv|scaling=lora|base=float|seed=1|steps=40"
+    assert RunSpec("lm", "full", split="val").key() == "lm|full|base=float|seed=0|split=val"
+
+
+def test_validation_split_never_uses_test_templates():
+    from lorabook import tasks
+
+    split = tasks.loan_intent_task(200, 100, seed=0, validation=True)
+    test = tasks.loan_intent_task(10, 200, seed=0)["test"]
+    ids = lambda exs: {e.template_id for e in exs}  # noqa: E731
+    assert not ids(split["train"]) & ids(split["test"])  # val templates unseen in fit
+    assert not (ids(split["train"]) | ids(split["test"])) & ids(test)  # and never the test's
+    assert {int(t.split("/")[1]) % 4 for t in ids(split["test"])} == {2}

@@ -285,6 +285,30 @@ def ledger(files: dict[str, str | os.PathLike | None] | None = None,
     return pd.DataFrame(rows)
 
 
+def claim_sentence(row: pd.Series | dict) -> str:
+    """One ledger row as a sentence for a chapter's "What we measured" (chapters 1, 3, 4)."""
+    if row.get("difference") is None or row["difference"] != row["difference"]:
+        if row.get("A") is None or row["A"] != row["A"]:
+            return f"{row['claim']}: {row['verdict']}."
+        return f"{row['claim']}: A = {row['A']:.3f}, B = {row['B']:.3f}: {row['verdict']}."
+    return (f"{row['claim']}: {row['A']:.3f} against {row['B']:.3f}, difference "
+            f"{row['difference']:+.3f} (95% interval {row['low']:+.3f} to {row['high']:+.3f}, "
+            f"{row['seeds']} seed{'s' if row['seeds'] != 1 else ''}): **{row['verdict']}**.")
+
+
+def field_scores(runs: Sequence[dict]) -> pd.DataFrame:
+    """Mean generation scores per configuration (exact match, valid JSON, each field) (chapter 1)."""
+    keys = ("gen_exact_match", "gen_valid_json", "gen_intent_accuracy", "gen_amount_accuracy",
+            "gen_account_accuracy")
+    rows = [{"configuration": r.get("label"), **{k.removeprefix("gen_"): r.get(k) for k in keys}}
+            for r in runs if any(r.get(k) is not None for k in keys)]
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).groupby("configuration", sort=False).mean()
+    table["seeds"] = pd.DataFrame(rows).groupby("configuration", sort=False).size()
+    return table
+
+
 def learned_rows(records: Records) -> list[dict]:
     """Ledger rows for what the adapters learned (Table 7, Figure 3); none without stored factors."""
     w = what_was_learned(records)

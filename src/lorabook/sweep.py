@@ -347,8 +347,9 @@ def run_one(spec: RunSpec, settings: RunSettings | None = None, progress: bool =
     spec = spec.resolved(settings)
     validation = spec.split == "val"
     t_load = time.perf_counter()
-    model, tokenizer = load_base(spec, torch.float32 if mixed_precision else None)
-    d = (encoder_data if spec.model == "encoder" else lm_data)(tokenizer, settings, validation)
+    model, tokenizer = load_base(spec, torch.float32) if mixed_precision else load_base(spec)
+    make_data = encoder_data if spec.model == "encoder" else lm_data
+    d = make_data(tokenizer, settings, validation=True) if validation else make_data(tokenizer, settings)
     model = prepare_model(model, spec)
     if before_training is not None:
         before_training(model)

@@ -66,7 +66,7 @@ def test_deck_takes_the_best_setting_and_marks_the_rest(deck):
     assert found["ch5_codebooks"] == "fast"
     assert (deck["out"] / "_images" / "ch2_delta_w_spectrum.png").is_file()
     assert "fast (CI) setting" in html  # the fast figure says so on its slide
-    assert 'data-figure="ch4_rank_sweep"' in html and "run chapter 4" in html  # placeholder
+    assert 'data-figure="ch4_record_rank"' in html and "run chapter 4" in html  # placeholder
     assert "cpu setting · commit" in html
 
 
