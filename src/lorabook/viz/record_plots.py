@@ -98,9 +98,10 @@ def curves_figure(runs: Sequence[dict], title: str, ylabel: str) -> Figure:
     """Held-out score every few steps (the learning curve of each run) (chapter 1)."""
     use_style()
     fig, ax = plt.subplots(figsize=(9, 5))
-    for run in runs:
+    styles = ["-o", "--s", ":^", "-.D", "-v"]
+    for i, run in enumerate(runs):
         steps = [p["step"] for p in run["curve"]]
-        ax.plot(steps, [p["score"] for p in run["curve"]], "-o", alpha=0.8,
+        ax.plot(steps, [p["score"] for p in run["curve"]], styles[i % len(styles)], alpha=0.8,
                 color=color(METHOD_COLOR.get(run["method"], "lora")),
                 label=f"{run['label']}, seed {run['seed']}")
     ax.set_ylim(0, 1)
