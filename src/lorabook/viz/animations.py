@@ -12,6 +12,7 @@ for slides with ``save_animation``. Nothing here touches pyplot's global state.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,29 @@ def to_jshtml(anim: animation.Animation, dpi: int = 80) -> str:
     """
     dpi = _check_positive(dpi, "dpi")
     with mpl.rc_context({"savefig.dpi": dpi}):
-        return anim.to_jshtml()
+        return offline_jshtml(anim.to_jshtml())
+
+
+# matplotlib's player loads Font Awesome 4.4 from a CDN for its nine button icons; offline the
+# buttons would be blank. The same icons as plain Unicode characters need no font download.
+_FA_LINK = re.compile(r"<link[^>]*font-awesome[^>]*>\s*", re.IGNORECASE)
+_FA_ICON = re.compile(r'<i class="fa (fa-[a-z-]+)( fa-flip-horizontal)?"></i>')
+_ICONS = {"fa-minus": "−", "fa-plus": "+", "fa-fast-backward": "⏮", "fa-step-backward": "⏴︎❙",
+          "fa-play": "▶︎", "fa-pause": "❚❚", "fa-step-forward": "❙⏵︎", "fa-fast-forward": "⏭"}
+
+
+def offline_jshtml(page: str) -> str:
+    """matplotlib's JS player HTML with no network load: icons as Unicode, no Font Awesome (chapter 2)."""
+    if not isinstance(page, str):
+        raise TypeError(f"page must be the str of to_jshtml(), got {type(page).__name__}")
+
+    def icon(match: re.Match) -> str:
+        glyph = _ICONS.get(match.group(1), "•")
+        if match.group(2):  # the "play backwards" button
+            glyph = "◀︎"
+        return f'<span class="anim-icon" aria-hidden="true">{glyph}</span>'
+
+    return _FA_ICON.sub(icon, _FA_LINK.sub("", page))
 
 
 def save_animation(anim: animation.Animation, path: str | os.PathLike, fps: float = 2,
