@@ -1,0 +1,117 @@
+"""Headless Chromium for the browser tests: a local server, request and console recording.
+
+Pages are served by a throwaway HTTP server on 127.0.0.1 (as a reader's browser would load them,
+not from file://). Chromium resolves every other host to nothing (``--host-resolver-rules``), so
+a page that would reach the network fails fast here, and the performance log still records the
+request for the test to name it. Debian's ``chromium`` and ``chromium-driver`` drive it; Selenium
+is pointed at /usr/bin/chromedriver, so it never downloads a driver.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+DRIVER = Path(os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+LOCAL_SCHEMES = ("data:", "blob:", "about:", "chrome:", "devtools:")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # the test reports what matters
+        pass
+
+
+class Server:
+    """A static file server for ``root`` on 127.0.0.1 and a free port, in a thread."""
+
+    def __init__(self, root: Path):
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.root = Path(root)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: Path) -> str:
+        return self.base + Path(path).relative_to(self.root).as_posix()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def chromium(width: int, height: int):
+    """(driver, profile dir): headless Chromium recording requests and console messages."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not DRIVER.is_file() or not Path(CHROMIUM).exists():
+        pytest.skip("headless Chromium needs Debian's chromium and chromium-driver "
+                    f"(apt-get install chromium chromium-driver); missing {DRIVER} or {CHROMIUM}")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="lorabook-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                "--disable-features=MediaRouter,OptimizationHints,Translate",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                f"--window-size={width},{height}", f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=options)
+    driver.set_page_load_timeout(120)
+    driver.set_script_timeout(60)
+    # the window's outer size includes no chrome in headless mode; make the viewport exact
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    return driver, profile
+
+
+def requests_made(driver) -> list[str]:
+    """URLs the page asked for since the last call (performance log: Network.requestWillBeSent)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def remote_requests(urls: list[str], base: str) -> list[str]:
+    """The URLs of ``urls`` that go anywhere but the local server ``base``."""
+    return [u for u in urls if not u.startswith(base) and not u.startswith(LOCAL_SCHEMES)]
+
+
+def console_errors(driver) -> list[str]:
+    """Console messages of level SEVERE since the last call (errors, failed loads)."""
+    return [e["message"][:300] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def screenshot(driver, path: Path, width: int, max_height: int) -> Path:
+    """A JPEG of the page's first ``max_height`` px (the whole page when shorter)."""
+    height = driver.execute_script("return document.documentElement.scrollHeight;")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "jpeg", "quality": 70, "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": width, "height": min(height, max_height), "scale": 1}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+def viewport_screenshot(driver, path: Path) -> Path:
+    """A PNG of what the window shows now."""
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
