@@ -29,8 +29,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from headless import (Server, chromium, console_errors, remote_requests, requests_made,
-                      screenshot)
+from headless import Server, chromium, console_errors, remote_requests, requests_made, screenshot
 
 pytestmark = pytest.mark.browser
 
