@@ -24,6 +24,8 @@ def test_scrub_kernel_command_and_cache():
     venv_python = f"{sys.prefix}/bin/python3.11"
     cmd = f"{venv_python} -m ipykernel_launcher -f {tempfile.gettempdir()}/tmpab12cd.json"
     assert paths.scrub(cmd) == "python -m ipykernel_launcher -f <kernel connection file>"
+    launcher = f"{sys.prefix}/lib/python3.11/site-packages/ipykernel_launcher.py -f /tmp/tmpx1.json"
+    assert paths.scrub(launcher) == "ipykernel_launcher.py -f <kernel connection file>"
     home_file = f"{Path.home()}/.cache/lorabook/runs/r8.json"
     assert paths.scrub(f"saved to {home_file}") == "saved to ~/.cache/lorabook/runs/r8.json"
 

@@ -23,6 +23,7 @@ language = "en"
 
 revealjs_style_theme = "white"  # dist/theme/white.css: local fonts, nothing fetched
 revealjs_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"  # a local icon: the browser asks no server for /favicon.ico
 revealjs_css_files = ["deck.css"]
 revealjs_script_conf = {
     "hash": True,  # each slide has its own URL (#/3/1)

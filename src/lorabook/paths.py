@@ -23,6 +23,7 @@ REPO_ROOT = _PACKAGE_ROOT if (_PACKAGE_ROOT / "pyproject.toml").is_file() else N
 _CHECKOUT = re.compile(r"(?<![\w~.])/(?:[^\s'\"<>:]+/)*?(?=(?:src/lorabook|notebooks|benchmarks|"
                        r"book|tests|\.venv|_build)/)")
 _PYTHON = re.compile(r"(?<![\w~.])(?:/[^\s'\"<>:]+)*/bin/python[0-9.]*")
+_SITE_PACKAGES = re.compile(r"(?<![\w~.])/[^\s'\"<>:]*?/site-packages/")  # a module's file
 _KERNEL_FILE = re.compile(r"/(?:[^\s'\"<>]+/)?(?:kernel-[\w-]+|tmp\w+)\.json")
 
 
@@ -44,7 +45,8 @@ def short_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -
 def scrub(text: str, root: str | os.PathLike | None = None) -> str:
     """``text`` with this machine's absolute paths made relative or shortened (chapter 1).
 
-    In order: a kernel's connection file, an interpreter's path, the repository (``root``,
+    In order: a kernel's connection file, an interpreter's path, an installed module's path
+    (from its package on: ``ipykernel_launcher.py``), the repository (``root``,
     default the checkout this package is in) and any other checkout of it, the virtualenv,
     the temporary folder, the home folder.
     """
@@ -52,6 +54,7 @@ def scrub(text: str, root: str | os.PathLike | None = None) -> str:
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     text = _KERNEL_FILE.sub("<kernel connection file>", text)
     text = _PYTHON.sub("python", text)
+    text = _SITE_PACKAGES.sub("", text)
     base = Path(root) if root is not None else REPO_ROOT
     if base is not None:
         text = re.sub(re.escape(str(base)) + r"(?=/)/?", "", text)

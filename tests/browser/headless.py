@@ -110,8 +110,8 @@ def screenshot(driver, path: Path, width: int, max_height: int) -> Path:
 
 
 def viewport_screenshot(driver, path: Path) -> Path:
-    """A PNG of what the window shows now."""
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    """A JPEG of what the window shows now."""
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "jpeg", "quality": 75})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
     return path

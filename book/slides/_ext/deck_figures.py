@@ -42,6 +42,14 @@ CELL = re.compile(r"<t([hd])\b[^>]*>.*?</t\1>\s*", re.DOTALL)
 SNAKE_HEADER = re.compile(r"(<th\b[^>]*>)\s*([a-z0-9]+(?:_[a-z0-9]+)+)\s*(</th>)")
 
 
+ACRONYMS = {"json": "JSON", "mb": "MB", "gib": "GiB", "mib": "MiB", "lm": "LM", "ppl": "perplexity"}
+
+
+def _words(snake: str) -> str:
+    """exact_match -> "exact match", valid_json -> "valid JSON"."""
+    return " ".join(ACRONYMS.get(w, w) for w in snake.split("_"))
+
+
 def _indices(spec: str, name: str) -> list[int]:
     try:
         return [int(x) for x in spec.replace(" ", "").split(",") if x]
@@ -72,7 +80,7 @@ def cut_table(table: str, rows: str | None = None, columns: str | None = None) -
             return start + "".join(kept) + "</tr>\n"
 
         table = ROW.sub(keep_cells, table)
-    table = SNAKE_HEADER.sub(lambda m: m.group(1) + m.group(2).replace("_", " ") + m.group(3), table)
+    table = SNAKE_HEADER.sub(lambda m: m.group(1) + _words(m.group(2)) + m.group(3), table)
     return table, n
 
 
