@@ -168,14 +168,14 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
     if not lora:
         raise ValueError("rank_figure needs LoRA records (method 'lora') with a rank r")
     full = [r for r in records if r.get("method") == "full"]
-    rows = 2 if len(metrics) > 3 else 1  # four panels as 2 x 2, readable on a slide
-    cols = math.ceil(len(metrics) / rows)
-    fig = new_figure((5.5 * cols, 4.6 * rows))
+    # at most two panels a row, so that the figure stays under ~11 inches wide and its 11-13 pt
+    # text stays legible at the book's page width (and on a slide); a free cell holds the legend
+    cols = 1 if len(metrics) == 1 else 2
+    rows = math.ceil(len(metrics) / cols)
+    fig = new_figure((5.6 * cols, 4.4 * rows))
     with mpl.rc_context(STYLE):
-        axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-        for ax in axes[len(metrics):]:
-            ax.remove()
-        axes = axes[:len(metrics)]
+        cells = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+        axes, spare = cells[:len(metrics)], cells[len(metrics):]
         ranks = sorted({r["r"] for r in lora})
         for ax, (key, (label, div)) in zip(axes, metrics.items(), strict=True):
             for base, by_r in aggregate(lora, key).items():
@@ -193,9 +193,17 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
             ax.set_xlabel("rank r (log scale)")
             ax.set_ylabel(label)
             ax.set_title(label.split(" (")[0].capitalize())
-        axes[0].legend(fontsize=9)
+        handles, labels = axes[0].get_legend_handles_labels()
+        if len(spare):
+            spare[0].axis("off")
+            spare[0].legend(handles, labels, loc="center", fontsize=13, frameon=False)
+            for ax in spare[1:]:
+                ax.remove()
+        else:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=12,
+                       frameon=False, bbox_to_anchor=(0.5, 0.0))
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0 if len(spare) else 0.1, 1, 1))
     return fig
 
 
