@@ -64,6 +64,41 @@ def new_figure(figsize: tuple[float, float] = STYLE["figure.figsize"]):
     return plt.figure(figsize=figsize)
 
 
+PAGE_WIDTH_IN = 11.5  # widest figure whose 11-13 pt text stays >= ~8 pt at the book's page width
+
+
+def panel_grid(fig, n: int, cols: int = 2):
+    """``n`` panels, at most ``cols`` a row, and the free cells left over (chapter 4).
+
+    Wide rows of three or more panels shrink every label below legibility at the page's width;
+    two a row, with the legend in a free cell (``legend_in``), keep the figure under
+    ``PAGE_WIDTH_IN`` inches.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    cells = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    return cells[:n], cells[n:]
+
+
+def legend_in(fig, source_ax, spare: Sequence, fontsize: float = 13) -> None:
+    """The legend of ``source_ax``: in the first spare cell if any, else under the panels (chapter 4)."""
+    handles, labels = source_ax.get_legend_handles_labels()
+    for ax in spare[1:]:
+        ax.remove()
+    if not handles:
+        if spare:
+            spare[0].remove()
+        return
+    if spare:
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", fontsize=fontsize, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3),
+                   fontsize=fontsize - 1, frameon=False)
+
+
 def bar_chart(values: Mapping[str, float], title: str, ylabel: str,
               colors: Sequence[str] | None = None, fmt: str = "{:.3g}", log: bool = False):
     """A labelled bar chart with each bar's value printed on it (chapter 1)."""

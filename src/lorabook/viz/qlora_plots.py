@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lorabook.qlora import ARCHITECTURES, TARGETS, Architecture, memory_budget, parameter_counts
-from lorabook.viz.plots import PALETTE, STYLE, color, new_figure
+from lorabook.viz.plots import PALETTE, STYLE, color, legend_in, new_figure, panel_grid
 from lorabook.viz.quant_plots import FORMAT_COLORS
 
 GiB = 2**30
@@ -168,14 +168,11 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
     if not lora:
         raise ValueError("rank_figure needs LoRA records (method 'lora') with a rank r")
     full = [r for r in records if r.get("method") == "full"]
-    # at most two panels a row, so that the figure stays under ~11 inches wide and its 11-13 pt
-    # text stays legible at the book's page width (and on a slide); a free cell holds the legend
+    # two panels a row (plots.panel_grid): legible at the page's width and on a slide
     cols = 1 if len(metrics) == 1 else 2
-    rows = math.ceil(len(metrics) / cols)
-    fig = new_figure((5.6 * cols, 4.4 * rows))
+    fig = new_figure((5.6 * cols, 4.4 * math.ceil(len(metrics) / cols)))
     with mpl.rc_context(STYLE):
-        cells = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-        axes, spare = cells[:len(metrics)], cells[len(metrics):]
+        axes, spare = panel_grid(fig, len(metrics), cols)
         ranks = sorted({r["r"] for r in lora})
         for ax, (key, (label, div)) in zip(axes, metrics.items(), strict=True):
             for base, by_r in aggregate(lora, key).items():
@@ -193,17 +190,9 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
             ax.set_xlabel("rank r (log scale)")
             ax.set_ylabel(label)
             ax.set_title(label.split(" (")[0].capitalize())
-        handles, labels = axes[0].get_legend_handles_labels()
-        if len(spare):
-            spare[0].axis("off")
-            spare[0].legend(handles, labels, loc="center", fontsize=13, frameon=False)
-            for ax in spare[1:]:
-                ax.remove()
-        else:
-            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=12,
-                       frameon=False, bbox_to_anchor=(0.5, 0.0))
+        legend_in(fig, axes[0], spare)
         fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0 if len(spare) else 0.1, 1, 1))
+        fig.tight_layout(rect=(0, 0 if spare else 0.1, 1, 1))
     return fig
 
 
