@@ -80,6 +80,7 @@ def cut_table(table: str, rows: str | None = None, columns: str | None = None) -
             return start + "".join(kept) + "</tr>\n"
 
         table = ROW.sub(keep_cells, table)
+    table = re.sub(r"\\n(?:&nbsp;|\s)*", " ", table)  # to_html shows a reply's newlines as \n
     table = SNAKE_HEADER.sub(lambda m: m.group(1) + _words(m.group(2)) + m.group(3), table)
     return table, n
 
