@@ -54,13 +54,14 @@ test-notebooks: models  ## every chapter under nbval, fast setting; keeps the ex
 	LORABOOK_MODE=fast $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 notebooks -q -p no:cacheprovider \
 		-p tests.nbval_outputs --nbval-keep-outputs $(NBVAL_OUTPUTS) --durations=15
 
-test-browser: venv  ## the built book (and deck) in headless Chromium; screenshots in _build/screenshots
+test-browser: venv  ## the built book and deck in headless Chromium, offline; screenshots in _build/screenshots
 	$(BIN)/python -m pytest tests/browser -q -m browser -p no:cacheprovider
 
 slides: venv  ## the talk's deck from the figures the chapters exported (run after `make book`)
 	$(BIN)/python book/slides/build.py
 
-test: lint test-unit test-notebooks book-fast-from-nbval test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the book in a browser
+# `slides` before `test-browser`: the browser test walks the built deck too (issue 17)
+test: lint test-unit test-notebooks book-fast-from-nbval slides test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the deck, the book and deck in a browser
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache
