@@ -35,11 +35,14 @@ book-fast: models  ## the whole book in the fast (CI) setting
 
 # `make test`'s book build: the chapters as test-notebooks just executed them (a chapter missing
 # from $(NBVAL_OUTPUTS) is executed), so every chapter runs once. Only for `make test`: run alone
-# after a change to src/, it would render outputs from before the change.
+# after a change to src/, it would render outputs from before the change. The generated config
+# names local_extensions by absolute path: jupyter-book reads them relative to the config file.
 book-fast-from-nbval: models
 	mkdir -p _build
-	$(BIN)/python -c "import sys, yaml; c = yaml.safe_load(open('_config.yml')); \
+	$(BIN)/python -c "import os, sys, yaml; c = yaml.safe_load(open('_config.yml')); \
 		c['execute'].update(execute_notebooks='cache', cache=sys.argv[1]); \
+		ext = c['sphinx'].get('local_extensions') or {}; \
+		ext.update({k: os.path.abspath(v) for k, v in ext.items()}); \
 		yaml.safe_dump(c, open('_build/_config_nbval.yml', 'w'), sort_keys=False)" $(NBVAL_OUTPUTS)
 	$(MAKE) --no-print-directory book-fast BOOK_CONFIG="--config _build/_config_nbval.yml"
 
