@@ -52,3 +52,22 @@ def test_scrub_outputs_in_place():
     outs = nb["cells"][0]["outputs"]
     assert outs[0]["text"] == "~/x\n" and outs[1]["data"]["text/plain"] == "'~/y'"
     assert outs[1]["data"]["image/png"] == "iVBOR"
+
+
+def test_scrub_is_fast_on_inline_images_and_leaves_them_intact():
+    """An animation's frames are megabytes of base64, full of "/": scrubbed around, in linear time."""
+    import base64
+    import os
+    import time
+
+    blob = base64.b64encode(os.urandom(1_500_000)).decode()
+    frame = "data:image/png;base64," + "\\\n".join(blob[i:i + 76] for i in range(0, len(blob), 76))
+    page = f'<img src="{frame}"> saved in {Path.home()}/.cache/x and /tmp/tmpab.json'
+    start = time.perf_counter()
+    out = paths.scrub(page)
+    assert time.perf_counter() - start < 2.0
+    assert frame in out and f"{Path.home()}/" not in out and "<kernel connection file>" in out
+    plain = "/".join(["abc"] * 200_000)  # no data URI at all: still linear
+    start = time.perf_counter()
+    paths.scrub(plain)
+    assert time.perf_counter() - start < 2.0

@@ -20,11 +20,16 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 REPO_ROOT = _PACKAGE_ROOT if (_PACKAGE_ROOT / "pyproject.toml").is_file() else None
 # folders that only a checkout of this repository has: a path through one of them, in any
 # checkout, is shown from that folder on (`/other/clone/notebooks/x` -> `notebooks/x`)
-_CHECKOUT = re.compile(r"(?<![\w~.])/(?:[^\s'\"<>:]+/)*?(?=(?:src/lorabook|notebooks|benchmarks|"
+# Every pattern is bounded (segments without "/", at most 12 of them), so that a long run of
+# base64 (which holds "/") cannot make a search quadratic.
+_SEG = r"/[^\s'\"<>:/]+"
+_CHECKOUT = re.compile(rf"(?<![\w~.])(?:{_SEG}){{1,12}}/(?=(?:src/lorabook|notebooks|benchmarks|"
                        r"book|tests|\.venv|_build)/)")
-_PYTHON = re.compile(r"(?<![\w~.])(?:/[^\s'\"<>:]+)*/bin/python[0-9.]*")
-_SITE_PACKAGES = re.compile(r"(?<![\w~.])/[^\s'\"<>:]*?/site-packages/")  # a module's file
-_KERNEL_FILE = re.compile(r"/(?:[^\s'\"<>]+/)?(?:kernel-[\w-]+|tmp\w+)\.json")
+_PYTHON = re.compile(rf"(?<![\w~.])(?:{_SEG}){{0,12}}/bin/python[0-9.]*")
+_SITE_PACKAGES = re.compile(rf"(?<![\w~.])(?:{_SEG}){{1,12}}/site-packages/")  # a module's file
+_KERNEL_FILE = re.compile(rf"(?:{_SEG}){{0,12}}/(?:kernel-[\w-]+|tmp\w+)\.json")
+# inline images and animation frames: never paths, and megabytes long
+_DATA_URI = re.compile(r"(data:[\w/+.-]+;base64,(?:[A-Za-z0-9+/=]|\\\n)+)")  # JS: "\" + newline
 
 
 def short_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
@@ -52,6 +57,9 @@ def scrub(text: str, root: str | os.PathLike | None = None) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if "base64," in text:  # scrub around inline data, never inside it
+        return "".join(part if i % 2 else scrub(part, root)
+                       for i, part in enumerate(_DATA_URI.split(text)))
     text = _KERNEL_FILE.sub("<kernel connection file>", text)
     text = _PYTHON.sub("python", text)
     text = _SITE_PACKAGES.sub("", text)
