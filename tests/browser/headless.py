@@ -98,15 +98,21 @@ def console_errors(driver) -> list[str]:
     return [e["message"][:300] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def screenshot(driver, path: Path, width: int, max_height: int) -> Path:
-    """A JPEG of the page's first ``max_height`` px (the whole page when shorter)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight;")
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "jpeg", "quality": 70, "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": width, "height": min(height, max_height), "scale": 1}})
+def screenshot(driver, path: Path, width: int, max_height: int, part: int = 8000) -> list[Path]:
+    """JPEGs of the whole page (up to ``max_height`` px), ``part`` px each: name_1.jpg, name_2.jpg, ..."""
+    height = min(driver.execute_script("return document.documentElement.scrollHeight;"), max_height)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(shot["data"]))
-    return path
+    for old in path.parent.glob(f"{path.stem}_*{path.suffix}"):
+        old.unlink()
+    paths = []
+    for k, top in enumerate(range(0, height, part), start=1):
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "jpeg", "quality": 70, "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": top, "width": width, "height": min(part, height - top), "scale": 1}})
+        out = path.with_name(f"{path.stem}_{k}{path.suffix}")
+        out.write_bytes(base64.b64decode(shot["data"]))
+        paths.append(out)
+    return paths
 
 
 def viewport_screenshot(driver, path: Path) -> Path:
