@@ -13,8 +13,8 @@ Loaded from ``_config.yml`` (``sphinx.local_extensions``). What it does, and why
   does not use); the Colab badge comes from ``_static``; animation players get Unicode icons
   instead of Font Awesome from a CDN (``lorabook.viz.animations.offline_jshtml``).
   MathJax 3 itself is served from ``_static/mathjax`` by ``sphinx-mathjax-offline``.
-- **Readable outputs**: ``static/lorabook.css`` (wide tables scroll in their own box, text
-  columns wrap at a readable width).
+- **Readable outputs**: ``static/lorabook.css`` (wide tables scroll in their own box; only cells
+  of long text, marked by ``lorabook.viz.tables.mark_long_cells``, wrap, at a readable width).
 """
 
 from __future__ import annotations
@@ -29,10 +29,17 @@ COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
 def tidy_notebook(nb) -> dict:
-    """Finished progress bars and relative paths in an executed notebook, in place."""
+    """Finished progress bars, relative paths, long table cells marked, in an executed notebook."""
     from lorabook import paths, progress
+    from lorabook.viz.tables import mark_long_cells
 
-    return {"bars": progress.finish_progress_bars(nb), "paths": paths.scrub_outputs(nb)}
+    done = {"bars": progress.finish_progress_bars(nb), "paths": paths.scrub_outputs(nb)}
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []) or []:
+            data = output.get("data") or {}
+            if isinstance(data.get("text/html"), str) and "<table" in data["text/html"]:
+                data["text/html"] = mark_long_cells(data["text/html"])
+    return done
 
 
 def _patch_myst_nb() -> None:

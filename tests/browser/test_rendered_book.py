@@ -13,7 +13,7 @@ of `_build/html` (or `$LORABOOK_HTML`) is served from 127.0.0.1 and must:
   console error;
 - show no absolute path of the build machine (the checkout, the home folder, the virtualenv,
   a kernel's connection file), neither in its text nor in its HTML;
-- keep each output table inside the text column (wide ones scroll in their own box).
+- keep each output table's box inside the text column (a wider table scrolls in its box).
 
 Screenshots of each whole page go to `_build/screenshots/` (JPEG, in parts of 8,000 px). Skipped, with
 the reason, when the book is not built or the browser is missing.
@@ -86,12 +86,16 @@ while (walker.nextNode()) {
   parts.push(walker.currentNode.textContent);
 }
 out.text = parts.join(" ");
-// tables that stick out of the text column
+// output tables: their box stays in the text column, and a wider table scrolls inside it
 const column = article.getBoundingClientRect();
 out.wide_tables = [];
 for (const t of document.querySelectorAll(".cell_output table")) {
-  const r = t.getBoundingClientRect();
-  if (r.width > 0 && r.right > column.right + 2) out.wide_tables.push(Math.round(r.width));
+  const box = t.closest(".output") || t.parentElement;
+  const b = box.getBoundingClientRect(), r = t.getBoundingClientRect();
+  const scrolls = ["auto", "scroll"].includes(getComputedStyle(box).overflowX);
+  if (r.width > 0 && (b.right > column.right + 2 || (r.width > b.width + 2 && !scrolls))) {
+    out.wide_tables.push(Math.round(r.width));
+  }
 }
 return out;
 """
@@ -181,7 +185,7 @@ def _offline_problems(state: dict, page: Path) -> list[str]:
         if found:
             problems.append(f"absolute paths of this machine in the page's {where}: {found}")
     if state["wide_tables"]:
-        problems.append(f"tables wider than the text column (px): {state['wide_tables']}")
+        problems.append(f"tables cut or sticking out of the text column (px): {state['wide_tables']}")
     return problems
 
 

@@ -41,3 +41,15 @@ def test_by_rank_orders_r_numerically_and_names_missing_runs():
     assert html.count("not run") == 3 and "0.440" in html and "nan" not in html.lower()
     with pytest.raises(ValueError, match="level"):
         tables.by_rank(series, level="rank")
+
+
+def test_mark_long_cells_marks_only_long_text():
+    long = "I pay £841.00 a month. Is it possible to switch my payment date to the 22nd?"
+    df = pd.DataFrame({"message": [long, "short"], "score": [0.5, 0.25]})
+    html = tables.mark_long_cells(df.to_html())
+    assert html.count('class="long-text"') == 1 and f'<td class="long-text">{long}</td>' in html
+    assert "<td>short</td>" in html and "<td>0.50</td>" in html
+    assert tables.mark_long_cells(html) == html  # idempotent
+    assert tables.mark_long_cells("no table <td>x</td>") == "no table <td>x</td>"
+    with pytest.raises(TypeError, match="html"):
+        tables.mark_long_cells(None)

@@ -8,8 +8,13 @@
   numeric order (1, 2, 4, 8, not the order the runs happened in), and the combinations that were
   never run shown as such instead of NaN.
 
-Both return objects that Jupyter and the book display (``IPython.display.Markdown``, a pandas
-``Styler``); nothing here prints.
+- ``mark_long_cells(html)``: the cells of an HTML table whose text is long get the class
+  ``long-text``; the book's stylesheet lets only those wrap (at a readable width) and keeps
+  numbers and short labels on one line, the table scrolling in its own box when it is wider than
+  the page (the book's ``offline_book`` extension applies it to every output table).
+
+Both first return objects that Jupyter and the book display (``IPython.display.Markdown``, a
+pandas ``Styler``); nothing here prints.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import pandas as pd
 from IPython.display import Markdown
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|$~])")
+_CELL = re.compile(r"<(td|th)((?:\s[^>]*)?)>(.*?)</\1>", re.DOTALL)
+_TAG = re.compile(r"<[^>]+>")
+LONG_TEXT = 40  # characters: a cell longer than this may wrap
 
 
 def escape_markdown(text: str) -> str:
@@ -77,4 +85,22 @@ def by_rank(series: pd.Series, level: str = "r", precision: int = 3,
     return table.style.format(precision=precision, na_rep=missing)
 
 
-__all__ = ["by_rank", "claims_markdown", "escape_markdown"]
+def mark_long_cells(html: str, threshold: int = LONG_TEXT) -> str:
+    """``html`` with class ``long-text`` on every table cell whose text exceeds ``threshold`` (chapter 2)."""
+    if not isinstance(html, str):
+        raise TypeError(f"html must be a str, got {type(html).__name__}")
+
+    def mark(m: re.Match) -> str:
+        tag, attrs, inner = m.groups()
+        if len(_TAG.sub("", inner).strip()) <= threshold or "long-text" in attrs:
+            return m.group(0)
+        if 'class="' in attrs:
+            attrs = attrs.replace('class="', 'class="long-text ', 1)
+        else:
+            attrs += ' class="long-text"'
+        return f"<{tag}{attrs}>{inner}</{tag}>"
+
+    return _CELL.sub(mark, html) if "<table" in html else html
+
+
+__all__ = ["by_rank", "claims_markdown", "escape_markdown", "mark_long_cells"]
