@@ -72,10 +72,15 @@ def chromium(width: int, height: int):
     driver = webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=options)
     driver.set_page_load_timeout(120)
     driver.set_script_timeout(60)
-    # the window's outer size includes no chrome in headless mode; make the viewport exact
+    set_viewport(driver, width, height)
+    return driver, profile
+
+
+def set_viewport(driver, width: int, height: int) -> None:
+    """An exact viewport (CSS px). Set again before each page: a capture beyond the viewport can
+    leave the next page laid out for another size."""
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
-    return driver, profile
 
 
 def requests_made(driver) -> list[str]:
@@ -100,6 +105,12 @@ def console_errors(driver) -> list[str]:
 
 def screenshot(driver, path: Path, width: int, max_height: int, part: int = 8000) -> list[Path]:
     """JPEGs of the whole page (up to ``max_height`` px), ``part`` px each: name_1.jpg, name_2.jpg, ..."""
+    # a capture beyond the viewport resizes it for a moment: with transitions on, the theme's
+    # sidebars would be caught sliding
+    driver.execute_script(
+        "const s = document.createElement('style'); s.textContent = "
+        "'*, *::before, *::after { transition: none !important; animation: none !important; }'; "
+        "document.head.appendChild(s);")
     height = min(driver.execute_script("return document.documentElement.scrollHeight;"), max_height)
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(f"{path.stem}_*{path.suffix}"):
@@ -112,6 +123,7 @@ def screenshot(driver, path: Path, width: int, max_height: int, part: int = 8000
         out = path.with_name(f"{path.stem}_{k}{path.suffix}")
         out.write_bytes(base64.b64decode(shot["data"]))
         paths.append(out)
+    driver.execute_script("window.scrollTo(0, 0);")
     return paths
 
 

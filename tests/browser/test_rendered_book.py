@@ -29,7 +29,15 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from headless import Server, chromium, console_errors, remote_requests, requests_made, screenshot
+from headless import (
+    Server,
+    chromium,
+    console_errors,
+    remote_requests,
+    requests_made,
+    screenshot,
+    set_viewport,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -134,6 +142,8 @@ def _load(browser, page: Path) -> dict:
 
     driver, server = browser
     requests_made(driver), console_errors(driver)  # forget the previous page's
+    driver.get("about:blank")
+    set_viewport(driver, WIDTH, HEIGHT)
     driver.get(server.url(page))
     # lazy images below the fold would never load in a headless window: load them all now
     driver.execute_script("for (const i of document.images) i.loading = 'eager';")
