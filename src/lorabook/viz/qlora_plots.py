@@ -207,7 +207,7 @@ def formats_figure(error: Mapping[str, float], scores: Mapping[str, Sequence[flo
     """
     if not error or not scores:
         raise ValueError("formats_figure needs the error and the scores of at least one format")
-    fig = new_figure((12, 4.6))
+    fig = new_figure((11, 5))  # 11 inches: its 12-13 pt text stays legible at the page's width
     with mpl.rc_context(STYLE):
         left, right = fig.subplots(1, 2)
         names = list(error)
@@ -215,7 +215,9 @@ def formats_figure(error: Mapping[str, float], scores: Mapping[str, Sequence[flo
                         color=[BASE_COLORS.get(n, "0.5") for n in names])
         for b, n in zip(bars, names, strict=True):
             left.annotate(f"{error[n]:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                          ha="center", va="bottom", fontsize=11)
+                          xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                          fontsize=12)
+        left.set_ylim(0, max(error.values()) * 1.18 or 1.0)  # room for the values
         left.set_title("Error of the frozen weights")
         left.set_xlabel("storage of W0")
         left.set_ylabel(error_label)
@@ -226,9 +228,12 @@ def formats_figure(error: Mapping[str, float], scores: Mapping[str, Sequence[flo
                       alpha=0.45)
             right.plot(np.full(vals.size, i), vals, "o", color=BASE_COLORS.get(n, "0.5"),
                        mec="black", ms=8)
-            if vals.size:
-                right.annotate(f"{vals.mean():.3f}", (i, vals.mean()), ha="center",
-                               va="bottom", fontsize=11)
+            if vals.size:  # the mean, over the bar and every dot
+                right.annotate(f"{vals.mean():.3f}", (i, max(vals.max(), vals.mean())),
+                               xytext=(0, 8), textcoords="offset points", ha="center",
+                               va="bottom", fontsize=12)
+        tops = [float(np.max(scores[n])) for n in names if len(scores[n])]
+        right.set_ylim(0, max(tops, default=1.0) * 1.2 or 1.0)
         right.set_xticks(range(len(names)), names)
         right.set_title("LoRA trained on that base")
         right.set_xlabel("storage of W0 (dots: seeds, bar: mean)")
