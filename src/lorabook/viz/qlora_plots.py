@@ -99,20 +99,20 @@ def memory_figure(computed: Sequence[Mapping], measured: Sequence[Mapping] = (),
         for r in computed:  # name each model once, under its lowest point
             if r["model"] not in lowest or r["total"] < lowest[r["model"]]["total"]:
                 lowest[r["model"]] = r
-        offset, previous = -18, None
+        offset, previous = -20, None
         for name, r in sorted(lowest.items(), key=lambda kv: kv[1]["base_params"]):
             close = previous is not None and r["base_params"] / previous < 1.3
-            offset = offset - 13 if close else -18  # stagger the names of models of similar size
+            offset = offset - 15 if close else -20  # stagger the names of models of similar size
             previous = r["base_params"]
             ax.annotate(name, (r["base_params"], r["total"] / GiB), textcoords="offset points",
-                        xytext=(0, offset), ha="center", fontsize=9, color="0.3")
+                        xytext=(0, offset), ha="center", fontsize=12, color="0.3")
         for r in measured:
             ax.scatter(r["params"], r["bytes"] / GiB, marker="*", s=420, color=color(r["method"]),
                        edgecolors="black", linewidths=1.2, zorder=4,
                        label=r.get("label") or f"{METHOD_NAMES[r['method']]} (measured here)")
         ax.axhline(gpu_gib, color="black", ls="--", lw=1.5)
         ax.annotate(gpu_name, (max(r["base_params"] for r in computed), gpu_gib), ha="right",
-                    va="bottom", fontsize=11)
+                    va="bottom", fontsize=13)
         ax.set_xscale("log")
         ax.set_yscale("log")
         xs = [r["base_params"] for r in computed] + [r["params"] for r in measured]
@@ -120,14 +120,14 @@ def memory_figure(computed: Sequence[Mapping], measured: Sequence[Mapping] = (),
                        if min(xs) / 2 <= t <= max(xs) * 2])
         ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
         ys = [r["total"] / GiB for r in computed] + [r["bytes"] / GiB for r in measured]
-        ax.set_ylim(min(ys) / 1.8, max(max(ys), gpu_gib) * 1.6)  # room for the names below
+        ax.set_ylim(min(ys) / 2.6, max(max(ys), gpu_gib) * 2.5)  # room for the names and legend
         ax.xaxis.set_major_formatter(mticker.FuncFormatter(_count))
         ax.xaxis.set_minor_formatter(mticker.NullFormatter())
         ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("parameters of the base model (log scale)")
         ax.set_ylabel("training memory (GiB, log scale)")
         ax.set_title(title)
-        ax.legend(loc="upper left", fontsize=10)
+        ax.legend(loc="upper left", fontsize=12)
         fig.tight_layout()
     return fig
 
