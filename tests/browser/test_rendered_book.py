@@ -94,6 +94,15 @@ while (walker.nextNode()) {
   parts.push(walker.currentNode.textContent);
 }
 out.text = parts.join(" ");
+// "What we measured": its computed summary is a list or a table, not lines of printed text
+out.summary = null;
+for (const h of document.querySelectorAll(".bd-article h2")) {
+  if (!h.textContent.startsWith("What we measured")) continue;
+  const section = h.closest("section") || h.parentElement;
+  out.summary = {lists: section.querySelectorAll(".cell_output ul, .cell_output table").length,
+                 printed: Array.from(section.querySelectorAll(".cell_output pre"))
+                   .filter(p => /^- \\S/m.test(p.innerText)).length};
+}
 // output tables: their box stays in the text column, and a wider table scrolls inside it
 const column = article.getBoundingClientRect();
 out.wide_tables = [];
@@ -114,6 +123,11 @@ if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
   MathJax.startup.promise.then(() => done("typeset")).catch(e => done("error: " + e));
 } else { done("no mathjax"); }
 """
+
+
+# Chapters whose "What we measured" is still printed as text lines (issue 17: render it with
+# lorabook.viz.tables.claims_markdown in the notebook, then delete its name here).
+PRINTED_SUMMARIES = {"03_lora_in_practice"}
 
 
 def _expects_animation(page: Path) -> bool:
@@ -214,6 +228,10 @@ def test_chapter_page_renders(browser, page):
     source = ROOT / "notebooks" / f"{page.stem}.ipynb"
     if source.is_file() and "$" in source.read_text(encoding="utf-8"):
         assert state["math"] > 0, "the chapter's source has math but the page has no formula"
+    summary = state["summary"]
+    if summary is not None and page.stem not in PRINTED_SUMMARIES:
+        assert summary["lists"] > 0 and summary["printed"] == 0, (
+            f"'What we measured' is printed text, not a list or table: {summary}")
     problems = _offline_problems(state, page)
     assert not problems, "\n".join(problems)
 
