@@ -35,11 +35,14 @@ book-fast: models  ## the whole book in the fast (CI) setting
 
 # `make test`'s book build: the chapters as test-notebooks just executed them (a chapter missing
 # from $(NBVAL_OUTPUTS) is executed), so every chapter runs once. Only for `make test`: run alone
-# after a change to src/, it would render outputs from before the change.
+# after a change to src/, it would render outputs from before the change. The generated config
+# names local_extensions by absolute path: jupyter-book reads them relative to the config file.
 book-fast-from-nbval: models
 	mkdir -p _build
-	$(BIN)/python -c "import sys, yaml; c = yaml.safe_load(open('_config.yml')); \
+	$(BIN)/python -c "import os, sys, yaml; c = yaml.safe_load(open('_config.yml')); \
 		c['execute'].update(execute_notebooks='cache', cache=sys.argv[1]); \
+		ext = c['sphinx'].get('local_extensions') or {}; \
+		ext.update({k: os.path.abspath(v) for k, v in ext.items()}); \
 		yaml.safe_dump(c, open('_build/_config_nbval.yml', 'w'), sort_keys=False)" $(NBVAL_OUTPUTS)
 	$(MAKE) --no-print-directory book-fast BOOK_CONFIG="--config _build/_config_nbval.yml"
 
@@ -54,13 +57,14 @@ test-notebooks: models  ## every chapter under nbval, fast setting; keeps the ex
 	LORABOOK_MODE=fast $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 notebooks -q -p no:cacheprovider \
 		-p tests.nbval_outputs --nbval-keep-outputs $(NBVAL_OUTPUTS) --durations=15
 
-test-browser: venv  ## the built book (and deck) in headless Chromium; screenshots in _build/screenshots
+test-browser: venv  ## the built book and deck in headless Chromium, offline; screenshots in _build/screenshots
 	$(BIN)/python -m pytest tests/browser -q -m browser -p no:cacheprovider
 
 slides: venv  ## the talk's deck from the figures the chapters exported (run after `make book`)
 	$(BIN)/python book/slides/build.py
 
-test: lint test-unit test-notebooks book-fast-from-nbval test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the book in a browser
+# `slides` before `test-browser`: the browser test walks the built deck too (issue 17)
+test: lint test-unit test-notebooks book-fast-from-nbval slides test-browser  ## every test: lint, unit tests, notebooks (nbval), book build with -W, the deck, the book and deck in a browser
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache

@@ -9,6 +9,11 @@ the store myst-nb reads with ``execute_notebooks: cache``. The Makefile's
 nbval just checked, and executed only if it is not in DIR. ``make book`` and ``make book-fast``
 always execute (``force`` in _config.yml).
 
+nbval drops the kernel's widget messages; this plugin listens to them too and stores the widgets'
+last state in the notebook's metadata, as nbclient does when the book build executes. The book's
+``offline_book`` extension renders each progress bar from that state in its final form
+(``lorabook.progress``): without it a bar would read ``0%`` in the page.
+
 Loaded with ``-p tests.nbval_outputs`` (see the Makefile's ``test-notebooks``).
 """
 
@@ -34,6 +39,26 @@ class _Kept:
         self.nb = nb
         self.outputs: dict[int, list] = {}
         self.complete = True  # False once a cell failed or was skipped
+        self.widget_state: dict[str, dict] = {}  # comm id (= model id) -> the widget's last state
+
+    def record(self, msg: dict) -> None:
+        """Keep a widget's state from a comm message, as nbclient's handle_comm_msg does."""
+        if msg.get("msg_type") not in ("comm_open", "comm_msg"):
+            return
+        content = msg.get("content") or {}
+        data = content.get("data") or {}
+        if "state" in data and "comm_id" in content:
+            self.widget_state.setdefault(content["comm_id"], {}).update(data["state"])
+
+    def widgets_metadata(self) -> dict | None:
+        """The notebook metadata ``widgets`` entry nbclient would write, or None."""
+        state = {model_id: {"model_name": s.get("_model_name"), "model_module": s.get("_model_module"),
+                            "model_module_version": s.get("_model_module_version"), "state": s}
+                 for model_id, s in self.widget_state.items() if "_model_name" in s}
+        if not state:
+            return None
+        return {"application/vnd.jupyter.widget-state+json":
+                {"state": state, "version_major": 2, "version_minor": 0}}
 
 
 _KEPT = pytest.StashKey[dict]()  # config.stash: notebook path -> _Kept
@@ -43,14 +68,35 @@ def _is_nbval_cell(item: pytest.Item) -> bool:
     return hasattr(item, "test_outputs") and hasattr(item, "cell_num") and hasattr(item.parent, "nb")
 
 
+def _kept(item: pytest.Item) -> _Kept:
+    kept_by_path = item.config.stash.setdefault(_KEPT, {})
+    return kept_by_path.setdefault(Path(str(item.parent.fspath)), _Kept(item.parent.nb))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a notebook's first cell: listen to the kernel's messages for widget states."""
+    if not item.config.getoption("nbval_keep_outputs") or not _is_nbval_cell(item):
+        return
+    notebook = item.parent
+    if getattr(notebook, "_lorabook_widget_tap", False):
+        return
+    kept, receive = _kept(item), notebook.get_kernel_message
+
+    def get_kernel_message(timeout=None, stream="iopub"):
+        msg = receive(timeout=timeout, stream=stream)
+        kept.record(msg)
+        return msg
+
+    notebook.get_kernel_message = get_kernel_message
+    notebook._lorabook_widget_tap = True
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = (yield).get_result()
     if not item.config.getoption("nbval_keep_outputs") or not _is_nbval_cell(item):
         return
-    kept_by_path = item.config.stash.setdefault(_KEPT, {})
-    path = Path(str(item.parent.fspath))
-    kept = kept_by_path.setdefault(path, _Kept(item.parent.nb))
+    kept = _kept(item)
     if report.failed or report.skipped:
         kept.complete = False
     elif call.when == "call":
@@ -69,6 +115,9 @@ def executed_notebook(kept: _Kept) -> nbformat.NotebookNode | None:
         for out in cell.outputs:
             if out.get("output_type") == "execute_result":
                 out["execution_count"] = count
+    widgets = kept.widgets_metadata()
+    if widgets:
+        nb.metadata["widgets"] = widgets
     nbformat.validate(nb)
     return nb
 

@@ -69,3 +69,33 @@ def test_executed_notebook_needs_every_code_cell():
     assert not nb.cells[2].outputs  # the collected notebook itself is left as it was
     kept.complete = False
     assert nbval_outputs.executed_notebook(kept) is None
+
+
+@pytest.mark.slow
+def test_progress_bars_keep_their_final_state(tmp_path):
+    """nbval drops widget messages; the plugin keeps them, so the book shows a finished bar."""
+    from lorabook.progress import finish_progress_bars
+
+    path, store = tmp_path / "bars.ipynb", tmp_path / "store"
+    nbformat.write(_notebook("from tqdm.auto import tqdm\nfor _ in tqdm(range(5), desc='steps'):\n"
+                             "    pass"), path)
+    run = _run_nbval(path, store)
+    assert run.returncode == 0, run.stdout + run.stderr
+    _, merged = get_cache(str(store)).merge_match_into_notebook(nbformat.read(path, as_version=4))
+    assert "widgets" in merged.metadata
+    (output,) = [c for c in merged.cells if c.cell_type == "code"][0].outputs
+    assert "0%" in output["data"]["text/plain"]  # what the page showed before
+    assert finish_progress_bars(merged) == 1
+    assert output["data"]["text/plain"].startswith("steps: 100%|██████████| 5/5 [")
+
+
+def test_widget_state_is_kept_as_nbclient_writes_it():
+    kept = nbval_outputs._Kept(_notebook("x = 1"))
+    kept.record({"msg_type": "comm_open", "content": {"comm_id": "m1", "data": {
+        "state": {"_model_name": "FloatProgressModel", "value": 0, "max": 4}}}})
+    kept.record({"msg_type": "comm_msg", "content": {"comm_id": "m1", "data": {
+        "method": "update", "state": {"value": 4}}}})
+    kept.record({"msg_type": "stream", "content": {"name": "stdout", "text": "x"}})
+    widgets = kept.widgets_metadata()["application/vnd.jupyter.widget-state+json"]
+    assert widgets["state"]["m1"]["model_name"] == "FloatProgressModel"
+    assert widgets["state"]["m1"]["state"]["value"] == 4

@@ -98,3 +98,24 @@ def test_nothing_trainable_or_too_few_items(tiny_llama):
 def test_paged_adamw_needs_cuda(tiny_llama):
     with pytest.raises(ValueError, match="CUDA"):
         train(tiny_llama, _items(), TrainConfig(steps=1, optimizer="paged_adamw", progress=False), _collate)
+
+
+def test_gradient_checkpointing_is_quiet_and_gives_the_same_run(tiny_llama, capfd):
+    """Checkpointing recomputes activations: same losses, no deprecation or use_cache notices."""
+    import copy
+    import warnings
+
+    plain = copy.deepcopy(tiny_llama)
+    cfg = dict(steps=3, lr=1e-2, batch_size=4, progress=False)
+    tiny_llama.config.use_cache = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = train(tiny_llama, _items(n=8), TrainConfig(**cfg, gradient_checkpointing=True), _collate)
+    ref = train(plain, _items(n=8), TrainConfig(**cfg), _collate)
+    assert ckpt.loss == pytest.approx(ref.loss, rel=1e-5)
+    noisy = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+             or "use_cache" in str(w.message)]
+    assert not noisy, noisy
+    assert "use_cache" not in capfd.readouterr().err
+    assert tiny_llama.config.use_cache is True  # restored
+    assert not tiny_llama.is_activation_checkpointing  # switched off again

@@ -155,6 +155,31 @@ def autocast(device: torch.device, dtype: str | None):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
+def _checkpointing(model, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, quietly (chapter 6).
+
+    transformers 5 renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*`` (the old
+    names warn); the KV cache is switched off while it is on, as transformers would do with a notice.
+    """
+    if not (hasattr(model, "activation_checkpointing_enable")
+            or hasattr(model, "gradient_checkpointing_enable")):
+        raise ValueError("gradient_checkpointing needs a transformers model")
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    config = getattr(model, "config", None)
+    if on:
+        if config is not None and hasattr(config, "use_cache"):
+            model._lorabook_use_cache, config.use_cache = config.use_cache, False
+        if new_api:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        if config is not None and hasattr(model, "_lorabook_use_cache"):
+            config.use_cache = model.__dict__.pop("_lorabook_use_cache")
+
+
 def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
           collate_fn: Callable[[list], dict],
           eval_fn: Callable[[torch.nn.Module], dict] | None = None) -> History:
@@ -168,9 +193,7 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
     hist = History(config=asdict(config), trainable_params=trainable, total_params=total,
                    device=str(device))
     if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError("gradient_checkpointing needs a transformers model")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
 
     opt = _make_optimizer(params, config, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
@@ -215,6 +238,6 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
     hist.peak_memory_bytes = bench.peak_memory(device)
     hist.memory_increase_bytes = sampler.increase_bytes
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _checkpointing(model, False)
     model.train(was_training)
     return hist

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +24,35 @@ from lorabook.viz import export  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SLIDES = ROOT / "book" / "slides"
+DECK = Path(os.environ.get("LORABOOK_SLIDES", ROOT / "_build" / "slides"))  # `make slides`
+SHOTS = Path(os.environ.get("LORABOOK_SCREENSHOTS", ROOT / "_build" / "screenshots"))
+FRAME = (1280, 720)  # the deck's own width and height, and the window it is shown in
+
+# The current slide against its frame: what sticks out, and whether the slide number and the
+# navigation arrows overlap. Reveal scales `.slides` (the frame) to the window.
+SLIDE_STATE = """
+const slide = Reveal.getCurrentSlide();
+const frame = document.querySelector(".reveal .slides").getBoundingClientRect();
+const out = {indices: Reveal.getIndices(), title: (slide.querySelector("h1, h2, h3") || {}).textContent,
+             outside: [], overlap: false, math: slide.querySelectorAll(".math").length,
+             typeset: slide.querySelectorAll(".math mjx-container").length};
+for (const el of slide.querySelectorAll("*")) {
+  const r = el.getBoundingClientRect();
+  if (r.width === 0 || r.height === 0 || el.closest("aside.notes")) continue;
+  const by = Math.max(frame.top - r.top, r.bottom - frame.bottom, frame.left - r.left, r.right - frame.right);
+  if (by > 2) out.outside.push(`${el.tagName.toLowerCase()}.${el.className} by ${Math.round(by)} px`);
+}
+const a = document.querySelector(".reveal .slide-number"), b = document.querySelector(".reveal .controls");
+if (a && b && getComputedStyle(a).display !== "none") {
+  const ra = a.getBoundingClientRect(), rb = b.getBoundingClientRect();
+  const arrows = Array.from(b.querySelectorAll("button")).filter(x => getComputedStyle(x).display !== "none"
+    && getComputedStyle(x).visibility !== "hidden" && getComputedStyle(x).opacity !== "0")
+    .map(x => x.getBoundingClientRect());
+  out.overlap = arrows.some(r => r.width > 0 && !(ra.right <= r.left || r.right <= ra.left ||
+                                                 ra.bottom <= r.top || r.bottom <= ra.top));
+}
+return out;
+"""
 
 
 def _build_module():
@@ -144,3 +174,68 @@ def test_sidecar_names_the_chapter(tmp_path, monkeypatch):
     path, meta = export.find("ch3_latency")
     assert path.parent.name == "gpu" and meta["chapter"] == 3
     assert json.loads((tmp_path / "gpu" / "ch3_latency.json").read_text())["file"] == path.name
+
+
+@pytest.mark.browser
+def test_built_deck_fits_its_frame_and_walks_with_the_right_arrow():
+    """The deck `make slides` built: every slide inside 1280 x 720, linear, offline (issue 17).
+
+    The right arrow alone visits every slide once, in order; no slide's content leaves the
+    frame; the slide number never sits under the arrows; formulas are typeset by the local
+    MathJax; nothing is requested from another host; no console error. A screenshot of every
+    slide goes to `_build/screenshots/deck/`.
+    """
+    index = DECK / "index.html"
+    if not index.is_file():
+        pytest.skip(f"no built deck in {DECK}: run `make slides` (after the book) first")
+    from headless import (
+        Server,
+        chromium,
+        console_errors,
+        remote_requests,
+        requests_made,
+        viewport_screenshot,
+    )
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = Server(DECK)
+    driver, profile = chromium(*FRAME)
+    try:
+        driver.get(server.url(index))
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "return typeof Reveal !== 'undefined' && Reveal.isReady() && "
+            "Array.from(document.images).every(i => i.complete);"))
+        config = driver.execute_script(
+            "const c = Reveal.getConfig(); return [c.width, c.height, c.navigationMode];")
+        assert config == [*FRAME, "linear"]
+        total = driver.execute_script("return Reveal.getTotalSlides();")
+        body = driver.find_element(By.TAG_NAME, "body")
+        seen, problems = [], []
+        for step in range(total):
+            if step:
+                body.send_keys(Keys.ARROW_RIGHT)
+            driver.execute_script("return document.fonts.ready;")
+            state = driver.execute_script(SLIDE_STATE)
+            where = f"{state['indices']['h']}.{state['indices']['v']}"
+            seen.append(where)
+            viewport_screenshot(driver, SHOTS / "deck" / f"slide_{step:02d}_{where}.jpg")
+            if state["outside"]:
+                problems.append(f"slide {where} ({state['title']}): outside the frame: "
+                                f"{state['outside'][:4]}")
+            if state["overlap"]:
+                problems.append(f"slide {where}: the slide number overlaps the arrows")
+            if state["math"] != state["typeset"]:
+                problems.append(f"slide {where}: {state['math'] - state['typeset']} formulas "
+                                "not typeset")
+        remote = remote_requests(requests_made(driver), server.base)
+        console = console_errors(driver)
+    finally:
+        driver.quit()
+        server.close()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert len(set(seen)) == total, f"the right arrow visited {len(set(seen))} of {total}: {seen}"
+    assert not remote, f"the deck requested other hosts: {remote}"
+    assert not console, f"console errors: {console}"
+    assert not problems, "\n".join(problems)

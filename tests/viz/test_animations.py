@@ -133,3 +133,16 @@ def test_to_jshtml_embeds_every_frame_at_the_given_dpi():
         assert frame.size == (17 * 20, round(6.5 * 20))  # figsize (17, 6.5) inches at 20 dpi
     with pytest.raises(ValueError, match="dpi"):
         animations.to_jshtml(anim, dpi=0)
+
+
+def test_to_jshtml_loads_nothing_from_the_network():
+    """matplotlib's player links Font Awesome from a CDN; ours has Unicode icons instead."""
+    W = torch.randn(8, 8)
+    anim = svd_approximation_animation(W, ranks=[1, 2])
+    raw = anim.to_jshtml()
+    assert "font-awesome" in raw and raw.count('<i class="fa fa-') == 9  # what is replaced
+    page = animations.to_jshtml(anim, dpi=20)
+    assert "font-awesome" not in page and "https://" not in page and "fa fa-" not in page
+    assert page.count('class="anim-icon"') == 9 and "▶︎" in page and "◀︎" in page
+    with pytest.raises(TypeError, match="to_jshtml"):
+        animations.offline_jshtml(b"bytes")

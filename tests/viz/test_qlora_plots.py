@@ -22,6 +22,8 @@ def _close_figures():
 
 def _labelled(fig) -> None:
     for ax in fig.axes:
+        if not ax.axison:  # a panel that only holds the legend
+            continue
         assert ax.get_title(), "every panel has a title"
         assert ax.get_xlabel() and ax.get_ylabel(), "every panel labels both axes"
 
@@ -98,8 +100,10 @@ def test_aggregate_is_mean_std_n_over_seeds_and_skips_missing_values():
 def test_rank_figure_plots_the_means_by_base_and_full_ft_as_a_line():
     fig = qlora_plots.rank_figure(RECORDS)
     _labelled(fig)
-    assert len(fig.axes) == 3
-    score_ax, _, memory_ax = fig.axes
+    assert len(fig.axes) == 4  # 2 x 2: three metrics, and the legend in the fourth cell
+    score_ax, _, memory_ax, legend_ax = fig.axes
+    assert not legend_ax.axison and legend_ax.get_legend() is not None
+    assert fig.get_size_inches()[0] <= 11.5  # legible at the page's width
     assert score_ax.get_xscale() == "log"
     by_label = {c.get_label(): c for c in score_ax.containers}
     float_line = by_label[qlora_plots.BASE_NAMES["float"]].lines[0]

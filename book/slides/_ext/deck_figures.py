@@ -5,6 +5,11 @@
     :width: 90%
     ```
 
+A table can be cut to the rows that make the point, so that it fits the slide: ``:rows: 4``
+keeps its first four body rows, ``:rows: 1,3,5`` those rows (1-based); a line under it says
+how many rows the chapter's table has. ``:columns: 0,2,3`` keeps those columns (0 is the
+index). Column headers in snake_case are shown as words (``exact_match`` -> "exact match").
+
 ``book/slides/build.py`` copies the best exported file of each name (gpu, then cpu, then fast)
 and its sidecar JSON into ``<srcdir>/figures``. The directive shows the file (an image, or the
 HTML of a table) with a line saying where it came from; a figure from the fast (CI) setting gets
@@ -32,13 +37,62 @@ def _raw(text: str) -> nodes.raw:
     return nodes.raw("", text, format="html")
 
 
+ROW = re.compile(r"<tr\b.*?</tr>\s*", re.DOTALL)
+CELL = re.compile(r"<t([hd])\b[^>]*>.*?</t\1>\s*", re.DOTALL)
+SNAKE_HEADER = re.compile(r"(<th\b[^>]*>)\s*([a-z0-9]+(?:_[a-z0-9]+)+)\s*(</th>)")
+
+
+ACRONYMS = {"json": "JSON", "mb": "MB", "gib": "GiB", "mib": "MiB", "lm": "LM", "ppl": "perplexity"}
+
+
+def _words(snake: str) -> str:
+    """exact_match -> "exact match", valid_json -> "valid JSON"."""
+    return " ".join(ACRONYMS.get(w, w) for w in snake.split("_"))
+
+
+def _indices(spec: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f":{name}: takes a number or comma-separated numbers, got {spec!r}") from None
+
+
+def cut_table(table: str, rows: str | None = None, columns: str | None = None) -> tuple[str, int]:
+    """The HTML table with only the chosen body rows and columns; returns (html, body rows before)."""
+    head, sep, rest = table.partition("<tbody>")
+    body, sep2, tail = rest.partition("</tbody>")
+    body_rows = ROW.findall(body) if sep else []
+    n = len(body_rows)
+    if rows and sep:
+        picked = _indices(rows, "rows")
+        keep = body_rows[:picked[0]] if len(picked) == 1 else [
+            body_rows[i - 1] for i in picked if 1 <= i <= n]
+        table = head + sep + "\n" + "".join(keep) + sep2 + tail
+    if columns:
+        wanted = set(_indices(columns, "columns"))
+
+        def keep_cells(row: re.Match) -> str:
+            cells = CELL.findall(row.group(0))
+            if not cells:
+                return row.group(0)
+            kept = [m.group(0) for i, m in enumerate(CELL.finditer(row.group(0))) if i in wanted]
+            start = row.group(0)[:row.group(0).index(">") + 1]
+            return start + "".join(kept) + "</tr>\n"
+
+        table = ROW.sub(keep_cells, table)
+    table = re.sub(r"\\n(?:&nbsp;|\s)*", " ", table)  # to_html shows a reply's newlines as \n
+    table = SNAKE_HEADER.sub(lambda m: m.group(1) + _words(m.group(2)) + m.group(3), table)
+    return table, n
+
+
 class DeckFigure(SphinxDirective):
     """One exported figure, animation or table, by its export name."""
 
     required_arguments = 1
     has_content = True  # an optional caption, in markdown
     option_spec = {"cell": directives.unchanged, "width": directives.unchanged,
-                   "height": directives.unchanged}
+                   "height": directives.unchanged, "rows": directives.unchanged,
+                   "columns": directives.unchanged}
 
     def run(self) -> list[nodes.Node]:
         name = self.arguments[0]
@@ -62,8 +116,15 @@ class DeckFigure(SphinxDirective):
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
         path = folder / meta["file"]
         if meta["kind"] == "table":
-            out.append(_raw(f'<div class="deck-table" data-figure="{name}">'
-                            f'{path.read_text(encoding="utf-8")}</div>'))
+            try:
+                table, n = cut_table(path.read_text(encoding="utf-8"), self.options.get("rows"),
+                                     self.options.get("columns"))
+            except ValueError as e:
+                raise self.error(str(e)) from None
+            shown = len(ROW.findall(table.partition("<tbody>")[2]))
+            note = (f'<p class="deck-cut">{shown} of the {n} rows of the chapter\'s table</p>'
+                    if shown < n else "")
+            out.append(_raw(f'<div class="deck-table" data-figure="{name}">{table}</div>{note}'))
         else:
             image = nodes.image(uri=f"figures/{meta['file']}", alt=f"{name} ({where})")
             for key in ("width", "height"):

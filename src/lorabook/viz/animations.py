@@ -12,6 +12,7 @@ for slides with ``save_animation``. Nothing here touches pyplot's global state.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from matplotlib.figure import Figure
 from lorabook.analysis import relative_error
 from lorabook.viz.plots import DIVERGING, PALETTE, STYLE
 
-TITLE, LABEL, TICK = 20, 15, 12  # font sizes (pt) readable on a projector
+TITLE, LABEL, TICK = 23, 19, 17  # pt: the 17-inch frames show at ~0.65 scale in the page, ~8 pt+
 Frame = dict[str, Any]
 Matrix = torch.Tensor | np.ndarray
 
@@ -121,7 +122,7 @@ def decomposition_animation(W0: Matrix, A: Matrix, B: Matrix, scaling: float = 1
         side = max(r, rows // 6), max(r, cols // 6)  # A's height, B's width on screen
         grid = fig.add_gridspec(2, 4, height_ratios=[side[0], rows],
                                 width_ratios=[cols, side[1], cols, cols],
-                                left=0.05, right=0.95, top=0.84, bottom=0.08, wspace=0.42)
+                                left=0.05, right=0.91, top=0.84, bottom=0.09, wspace=0.62)
         axes = {"W0": fig.add_subplot(grid[1, 0]), "B": fig.add_subplot(grid[1, 1]),
                 "A": fig.add_subplot(grid[0, 2]), "delta": fig.add_subplot(grid[1, 2]),
                 "W": fig.add_subplot(grid[1, 3])}
@@ -149,7 +150,7 @@ def decomposition_animation(W0: Matrix, A: Matrix, B: Matrix, scaling: float = 1
             bars[key].set_label(label, fontsize=TICK)
         pos = {key: ax.get_position() for key, ax in axes.items()}
         middle = (pos["W0"].y0 + pos["W0"].y1) / 2
-        after_bar = bars["delta"].ax.get_position().x1 + 0.045  # past its tick labels
+        after_bar = bars["delta"].ax.get_position().x1 + 0.07  # past its tick labels
         fig.text((pos["W0"].x1 + pos["B"].x0) / 2, middle, "+", fontsize=34, ha="center",
                  va="center")
         fig.text((after_bar + pos["W"].x0) / 2, middle, "=", fontsize=34, ha="center",
@@ -202,6 +203,20 @@ def svd_frames(delta_W: Matrix, ranks: Sequence[int] | None = None,
     return frames
 
 
+def _spaced_ticks(ranks: Sequence[int], ratio: float = 3.5) -> list[int]:
+    """Ranks to label on a log axis, each at least ``ratio`` times the previous; ends at the last."""
+    shown: list[int] = []
+    for r in ranks:
+        if not shown or r / shown[-1] >= ratio:
+            shown.append(r)
+    if ranks and shown[-1] != ranks[-1]:
+        if ranks[-1] / shown[-1] < 3 and len(shown) > 1:
+            shown[-1] = ranks[-1]
+        else:
+            shown.append(ranks[-1])
+    return shown
+
+
 def svd_approximation_animation(delta_W: Matrix, ranks: Sequence[int] | None = None,
                                 max_size: int = 64, interval_ms: int = 900
                                 ) -> animation.FuncAnimation:
@@ -212,8 +227,8 @@ def svd_approximation_animation(delta_W: Matrix, ranks: Sequence[int] | None = N
     scale = _halfrange(frames, "target")
     with mpl.rc_context(STYLE):
         fig = _new_figure((17, 6.5))
-        grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 1.2], left=0.05, right=0.97,
-                                top=0.80, bottom=0.14, wspace=0.45)
+        grid = fig.add_gridspec(1, 3, width_ratios=[1, 1, 1.2], left=0.06, right=0.98,
+                                top=0.80, bottom=0.15, wspace=0.7)
         ax_target, ax_approx, ax_err = (fig.add_subplot(grid[0, i]) for i in range(3))
         ax_target.imshow(frames[0]["target"], cmap=DIVERGING, vmin=-scale, vmax=scale,
                          aspect="auto", interpolation="nearest")
@@ -232,13 +247,13 @@ def svd_approximation_animation(delta_W: Matrix, ranks: Sequence[int] | None = N
         (line,) = ax_err.plot(ranks[:1], errors[:1], color=PALETTE["lora"], lw=3, marker="o",
                               ms=9)
         ax_err.set_xscale("log", base=2)
-        shown = [r for r in ranks if r == ranks[-1] or ranks[-1] / r >= 1.5]  # no overlaps
+        shown = _spaced_ticks(ranks)
         ax_err.set_xticks(shown, [str(r) for r in shown])
         ax_err.minorticks_off()
         ax_err.set_ylim(-0.03, 1.03)
         ax_err.set_xlabel("rank r (log scale)", fontsize=LABEL)
         ax_err.set_ylabel("‖ΔW − ΔW_r‖_F / ‖ΔW‖_F", fontsize=LABEL)
-        ax_err.set_title("error of the best rank-r approximation", fontsize=LABEL)
+        ax_err.set_title("error at rank r", fontsize=LABEL)
         ax_err.tick_params(labelsize=TICK)
         title = fig.suptitle("", fontsize=TITLE, y=0.97)
         fig.text(0.5, 0.875, f"truncated SVD of delta_W; heatmaps show the {frames[0]['block']}",
@@ -268,7 +283,29 @@ def to_jshtml(anim: animation.Animation, dpi: int = 80) -> str:
     """
     dpi = _check_positive(dpi, "dpi")
     with mpl.rc_context({"savefig.dpi": dpi}):
-        return anim.to_jshtml()
+        return offline_jshtml(anim.to_jshtml())
+
+
+# matplotlib's player loads Font Awesome 4.4 from a CDN for its nine button icons; offline the
+# buttons would be blank. The same icons as plain Unicode characters need no font download.
+_FA_LINK = re.compile(r"<link[^>]*font-awesome[^>]*>\s*", re.IGNORECASE)
+_FA_ICON = re.compile(r'<i class="fa (fa-[a-z-]+)( fa-flip-horizontal)?"></i>')
+_ICONS = {"fa-minus": "−", "fa-plus": "+", "fa-fast-backward": "⏮", "fa-step-backward": "⏴︎❙",
+          "fa-play": "▶︎", "fa-pause": "❚❚", "fa-step-forward": "❙⏵︎", "fa-fast-forward": "⏭"}
+
+
+def offline_jshtml(page: str) -> str:
+    """matplotlib's JS player HTML with no network load: icons as Unicode, no Font Awesome (chapter 2)."""
+    if not isinstance(page, str):
+        raise TypeError(f"page must be the str of to_jshtml(), got {type(page).__name__}")
+
+    def icon(match: re.Match) -> str:
+        glyph = _ICONS.get(match.group(1), "•")
+        if match.group(2):  # the "play backwards" button
+            glyph = "◀︎"
+        return f'<span class="anim-icon" aria-hidden="true">{glyph}</span>'
+
+    return _FA_ICON.sub(icon, _FA_LINK.sub("", page))
 
 
 def save_animation(anim: animation.Animation, path: str | os.PathLike, fps: float = 2,

@@ -64,6 +64,41 @@ def new_figure(figsize: tuple[float, float] = STYLE["figure.figsize"]):
     return plt.figure(figsize=figsize)
 
 
+PAGE_WIDTH_IN = 11.5  # widest figure whose 11-13 pt text stays >= ~8 pt at the book's page width
+
+
+def panel_grid(fig, n: int, cols: int = 2):
+    """``n`` panels, at most ``cols`` a row, and the free cells left over (chapter 4).
+
+    Wide rows of three or more panels shrink every label below legibility at the page's width;
+    two a row, with the legend in a free cell (``legend_in``), keep the figure under
+    ``PAGE_WIDTH_IN`` inches.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    cells = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    return cells[:n], cells[n:]
+
+
+def legend_in(fig, source_ax, spare: Sequence, fontsize: float = 13) -> None:
+    """The legend of ``source_ax``: in the first spare cell if any, else under the panels (chapter 4)."""
+    handles, labels = source_ax.get_legend_handles_labels()
+    for ax in spare[1:]:
+        ax.remove()
+    if not handles:
+        if spare:
+            spare[0].remove()
+        return
+    if spare:
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", fontsize=fontsize, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3),
+                   fontsize=fontsize - 1, frameon=False)
+
+
 def bar_chart(values: Mapping[str, float], title: str, ylabel: str,
               colors: Sequence[str] | None = None, fmt: str = "{:.3g}", log: bool = False):
     """A labelled bar chart with each bar's value printed on it (chapter 1)."""
@@ -80,6 +115,51 @@ def bar_chart(values: Mapping[str, float], title: str, ylabel: str,
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.grid(axis="x", visible=False)
+        fig.tight_layout()
+    return fig
+
+
+def ratio_bars(table, value: str = "ratio to base", low: str = "ratio p10",
+               high: str = "ratio p90", colors: Mapping[str, str] | None = None,
+               title: str = "Forward pass against the base",
+               ylabel: str = "median latency / base latency"):
+    """Grouped bars of a ratio with its spread: whiskers from ``low`` to ``high`` (chapter 3).
+
+    ``table``: a DataFrame indexed by (group, variant), e.g. (batch x tokens, variant), with
+    columns ``value``, ``low`` and ``high`` (e.g. the median ratio and its per-round p10 and
+    p90). One cluster of bars per variant, one bar per group (the first solid, the others
+    lighter), and a dashed line at 1.
+    """
+    import pandas as pd  # the one figure here that reads a table
+
+    if not isinstance(table, pd.DataFrame) or table.index.nlevels != 2:
+        raise ValueError("table must be a DataFrame indexed by (group, variant)")
+    missing = [c for c in (value, low, high) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table lacks the columns {missing}; it has {list(table.columns)}")
+    groups = list(dict.fromkeys(table.index.get_level_values(0)))
+    variants = list(dict.fromkeys(table.index.get_level_values(1)))
+    width = 0.8 / len(groups)
+    fig = new_figure((9, 5))
+    with mpl.rc_context(STYLE):
+        ax = fig.add_subplot()
+        for j, group in enumerate(groups):
+            rows = table.loc[group].reindex(variants)
+            xs = [i + (j - (len(groups) - 1) / 2) * width for i in range(len(variants))]
+            mid = rows[value].to_numpy(dtype=float)
+            spread = [mid - rows[low].to_numpy(dtype=float), rows[high].to_numpy(dtype=float) - mid]
+            ax.bar(xs, mid, width, yerr=spread, capsize=5, edgecolor="black",
+                   color=[(colors or {}).get(v, SEQUENCE[i % len(SEQUENCE)])
+                          for i, v in enumerate(variants)],
+                   alpha=1.0 if j == 0 else 0.5, error_kw={"elinewidth": 1.5},
+                   label=f"{group}")
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(axis="x", visible=False)
+        legend = ax.legend(title="solid / light: " + " / ".join(map(str, groups)), loc="upper left")
+        legend.get_title().set_fontsize(11)
         fig.tight_layout()
     return fig
 

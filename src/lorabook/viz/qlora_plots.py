@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lorabook.qlora import ARCHITECTURES, TARGETS, Architecture, memory_budget, parameter_counts
-from lorabook.viz.plots import PALETTE, STYLE, color, new_figure
+from lorabook.viz.plots import PALETTE, STYLE, color, legend_in, new_figure, panel_grid
 from lorabook.viz.quant_plots import FORMAT_COLORS
 
 GiB = 2**30
@@ -99,20 +99,20 @@ def memory_figure(computed: Sequence[Mapping], measured: Sequence[Mapping] = (),
         for r in computed:  # name each model once, under its lowest point
             if r["model"] not in lowest or r["total"] < lowest[r["model"]]["total"]:
                 lowest[r["model"]] = r
-        offset, previous = -18, None
+        offset, previous = -20, None
         for name, r in sorted(lowest.items(), key=lambda kv: kv[1]["base_params"]):
             close = previous is not None and r["base_params"] / previous < 1.3
-            offset = offset - 13 if close else -18  # stagger the names of models of similar size
+            offset = offset - 15 if close else -20  # stagger the names of models of similar size
             previous = r["base_params"]
             ax.annotate(name, (r["base_params"], r["total"] / GiB), textcoords="offset points",
-                        xytext=(0, offset), ha="center", fontsize=9, color="0.3")
+                        xytext=(0, offset), ha="center", fontsize=12, color="0.3")
         for r in measured:
             ax.scatter(r["params"], r["bytes"] / GiB, marker="*", s=420, color=color(r["method"]),
                        edgecolors="black", linewidths=1.2, zorder=4,
                        label=r.get("label") or f"{METHOD_NAMES[r['method']]} (measured here)")
         ax.axhline(gpu_gib, color="black", ls="--", lw=1.5)
         ax.annotate(gpu_name, (max(r["base_params"] for r in computed), gpu_gib), ha="right",
-                    va="bottom", fontsize=11)
+                    va="bottom", fontsize=13)
         ax.set_xscale("log")
         ax.set_yscale("log")
         xs = [r["base_params"] for r in computed] + [r["params"] for r in measured]
@@ -120,14 +120,14 @@ def memory_figure(computed: Sequence[Mapping], measured: Sequence[Mapping] = (),
                        if min(xs) / 2 <= t <= max(xs) * 2])
         ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
         ys = [r["total"] / GiB for r in computed] + [r["bytes"] / GiB for r in measured]
-        ax.set_ylim(min(ys) / 1.8, max(max(ys), gpu_gib) * 1.6)  # room for the names below
+        ax.set_ylim(min(ys) / 2.6, max(max(ys), gpu_gib) * 2.5)  # room for the names and legend
         ax.xaxis.set_major_formatter(mticker.FuncFormatter(_count))
         ax.xaxis.set_minor_formatter(mticker.NullFormatter())
         ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("parameters of the base model (log scale)")
         ax.set_ylabel("training memory (GiB, log scale)")
         ax.set_title(title)
-        ax.legend(loc="upper left", fontsize=10)
+        ax.legend(loc="upper left", fontsize=12)
         fig.tight_layout()
     return fig
 
@@ -168,14 +168,11 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
     if not lora:
         raise ValueError("rank_figure needs LoRA records (method 'lora') with a rank r")
     full = [r for r in records if r.get("method") == "full"]
-    rows = 2 if len(metrics) > 3 else 1  # four panels as 2 x 2, readable on a slide
-    cols = math.ceil(len(metrics) / rows)
-    fig = new_figure((5.5 * cols, 4.6 * rows))
+    # two panels a row (plots.panel_grid): legible at the page's width and on a slide
+    cols = 1 if len(metrics) == 1 else 2
+    fig = new_figure((5.6 * cols, 4.4 * math.ceil(len(metrics) / cols)))
     with mpl.rc_context(STYLE):
-        axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-        for ax in axes[len(metrics):]:
-            ax.remove()
-        axes = axes[:len(metrics)]
+        axes, spare = panel_grid(fig, len(metrics), cols)
         ranks = sorted({r["r"] for r in lora})
         for ax, (key, (label, div)) in zip(axes, metrics.items(), strict=True):
             for base, by_r in aggregate(lora, key).items():
@@ -193,9 +190,9 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
             ax.set_xlabel("rank r (log scale)")
             ax.set_ylabel(label)
             ax.set_title(label.split(" (")[0].capitalize())
-        axes[0].legend(fontsize=9)
+        legend_in(fig, axes[0], spare)
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0 if spare else 0.1, 1, 1))
     return fig
 
 
@@ -210,7 +207,7 @@ def formats_figure(error: Mapping[str, float], scores: Mapping[str, Sequence[flo
     """
     if not error or not scores:
         raise ValueError("formats_figure needs the error and the scores of at least one format")
-    fig = new_figure((12, 4.6))
+    fig = new_figure((11, 5))  # 11 inches: its 12-13 pt text stays legible at the page's width
     with mpl.rc_context(STYLE):
         left, right = fig.subplots(1, 2)
         names = list(error)
@@ -218,7 +215,9 @@ def formats_figure(error: Mapping[str, float], scores: Mapping[str, Sequence[flo
                         color=[BASE_COLORS.get(n, "0.5") for n in names])
         for b, n in zip(bars, names, strict=True):
             left.annotate(f"{error[n]:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                          ha="center", va="bottom", fontsize=11)
+                          xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                          fontsize=12)
+        left.set_ylim(0, max(error.values()) * 1.18 or 1.0)  # room for the values
         left.set_title("Error of the frozen weights")
         left.set_xlabel("storage of W0")
         left.set_ylabel(error_label)
@@ -229,9 +228,12 @@ def formats_figure(error: Mapping[str, float], scores: Mapping[str, Sequence[flo
                       alpha=0.45)
             right.plot(np.full(vals.size, i), vals, "o", color=BASE_COLORS.get(n, "0.5"),
                        mec="black", ms=8)
-            if vals.size:
-                right.annotate(f"{vals.mean():.3f}", (i, vals.mean()), ha="center",
-                               va="bottom", fontsize=11)
+            if vals.size:  # the mean, over the bar and every dot
+                right.annotate(f"{vals.mean():.3f}", (i, max(vals.max(), vals.mean())),
+                               xytext=(0, 8), textcoords="offset points", ha="center",
+                               va="bottom", fontsize=12)
+        tops = [float(np.max(scores[n])) for n in names if len(scores[n])]
+        right.set_ylim(0, max(tops, default=1.0) * 1.2 or 1.0)
         right.set_xticks(range(len(names)), names)
         right.set_title("LoRA trained on that base")
         right.set_xlabel("storage of W0 (dots: seeds, bar: mean)")

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorabook.results import summarize
-from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, new_figure
+from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, legend_in, new_figure, panel_grid
 
 TARGET_COLORS = {"q": SEQUENCE[5], "qv": PALETTE["lora"], "attn": SEQUENCE[2], "all": SEQUENCE[4]}
 TARGET_NAMES = {"q": "W_q", "qv": "W_q, W_v", "attn": "attention (q, k, v, o)",
@@ -137,9 +137,9 @@ def cost_figure(records: Sequence[dict], title: str) -> Figure:
     panels = (("trainable", 1.0, "trainable parameters (count), log scale"),
               ("adapter_bytes", 2.0**-20, "stored per task (MiB), log scale"),
               ("step_s", 1.0, "median time per step (s)"))
-    fig = new_figure((16, 5))
+    fig = new_figure((11.2, 8.6))  # 2 x 2, the legend in the fourth cell: legible at page width
     with mpl.rc_context(STYLE):
-        axes = fig.subplots(1, 3)
+        axes, spare = panel_grid(fig, len(panels))
         for ax, (metric, unit, ylabel) in zip(axes, panels, strict=True):
             groups, ref = _groups(records, metric)
             keys = list(groups)
@@ -154,7 +154,7 @@ def cost_figure(records: Sequence[dict], title: str) -> Figure:
             else:  # counts and bytes span orders of magnitude
                 ax.set_yscale("log")
             ax.set(xlabel="LoRA rank r (log scale)", ylabel=ylabel)
-        axes[0].legend(fontsize=9, loc="best")
+        legend_in(fig, axes[0], spare)
         fig.suptitle(title)
         fig.tight_layout()
     return fig
@@ -177,9 +177,14 @@ def subspace_heatmaps(grids: Mapping[str, Any], axis_labels: Mapping[str, tuple[
     missing = [name for name in grids if name not in axis_labels]
     if missing:
         raise ValueError(f"axis_labels lacks {missing}")
-    fig = new_figure((5.2 * len(grids) + 1.5, 4.8))
+    cols = min(2, len(grids))  # two a row: the labels stay legible at the page's width
+    rows = -(-len(grids) // cols)
+    fig = new_figure((5.2 * cols + 1.3, 4.7 * rows))
     with mpl.rc_context(STYLE):
-        axes = np.atleast_1d(fig.subplots(1, len(grids)))
+        axes, spare = panel_grid(fig, len(grids), cols)
+        for ax in spare:
+            ax.remove()
+        fig.subplots_adjust(hspace=0.45, wspace=0.3)  # room for each row's x label
         for ax, (name, grid) in zip(axes, grids.items(), strict=True):
             g = _np(grid)
             if g.ndim != 2:
@@ -187,11 +192,11 @@ def subspace_heatmaps(grids: Mapping[str, Any], axis_labels: Mapping[str, tuple[
             image = ax.imshow(g, cmap="viridis", vmin=0, vmax=1, aspect="auto",
                               origin="lower", interpolation="nearest",
                               extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
-            ax.set_title(name, fontsize=12)
+            ax.set_title(name, fontsize=14)
             ax.set_ylabel(axis_labels[name][0])
             ax.set_xlabel(axis_labels[name][1])
             ax.grid(False)
-        bar = fig.colorbar(image, ax=list(axes), fraction=0.03, pad=0.02)
+        bar = fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.03)
         bar.set_label("φ(i, j), subspace similarity (0 to 1)")
         fig.suptitle(title)
     return fig
