@@ -130,7 +130,7 @@ if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
 
 # Chapters whose "What we measured" is still printed as text lines (issue 17: render it with
 # lorabook.viz.tables.claims_markdown in the notebook, then delete its name here).
-PRINTED_SUMMARIES = {"03_lora_in_practice"}
+PRINTED_SUMMARIES: set[str] = set()
 
 
 def _expects_animation(page: Path) -> bool:
