@@ -20,6 +20,17 @@ METHOD_COLOR = {"full": "full", "lora": "lora", "adapter": "adapter", "prefix": 
                 "none": "base", "constant": "random"}
 
 
+def _finish(fig: Figure, ax, title: str, xlabel: str, ylabel: str) -> Figure:
+    """Score axis 0-1, labels, title, legend at the lower right: the end of every score figure."""
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def _err(table: pd.DataFrame) -> np.ndarray:
     return np.vstack([table["score"] - table["low"], table["high"] - table["score"]])
 
@@ -63,13 +74,7 @@ def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
     ranks = sorted(lora["r"].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(int(r)) for r in ranks])
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("LoRA rank r (log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, "LoRA rank r (log scale)", ylabel)
 
 
 def params_figure(table: pd.DataFrame, title: str, ylabel: str) -> Figure:
@@ -85,13 +90,7 @@ def params_figure(table: pd.DataFrame, title: str, ylabel: str) -> Figure:
                 ax.annotate(row["short"], (row["trainable"], row["score"]),
                             textcoords="offset points", xytext=(6, -14), fontsize=11)
     ax.set_xscale("log")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, "trainable parameters (log scale)", ylabel)
 
 
 def curves_figure(runs: Sequence[dict], title: str, ylabel: str) -> Figure:
@@ -104,10 +103,4 @@ def curves_figure(runs: Sequence[dict], title: str, ylabel: str) -> Figure:
         ax.plot(steps, [p["score"] for p in run["curve"]], styles[i % len(styles)], alpha=0.8,
                 color=color(METHOD_COLOR.get(run["method"], "lora")),
                 label=f"{run['label']}, seed {run['seed']}")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, "optimiser step", ylabel)
