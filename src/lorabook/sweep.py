@@ -2,7 +2,9 @@
 
 One run is a ``RunSpec``: which model (the encoder on review sentiment, or the causal LM on the
 loan task), full fine-tuning or LoRA at rank r on a set of matrices, alpha/r or alpha/sqrt(r)
-scaling, and the storage of the frozen base (float, or 4-bit NF4/FP4/Int4 as in QLoRA).
+scaling, and the storage of the frozen base (float, or 4-bit NF4/FP4/Int4 as in QLoRA). For the
+runs of record (``lorabook.record``) a spec can also be bottleneck adapters or prefix tuning of a
+``size``, no training at all (zero-shot), and a validation run (``split="val"``).
 ``run_one`` trains it through ``lorabook.train.train`` and scores it on held-out data;
 ``run_sweep`` runs a list of them, appending each record to a results file (``lorabook.results``)
 so that an interrupted sweep resumes where it stopped. From a shell::
@@ -101,7 +103,7 @@ class RunSpec:
     base: str = "float"  # W0 storage: "float" (the settings' dtype), "nf4" (+ double quant), "fp4", "int4"
     seed: int = 0  # seeds A's init, the encoder's new head and the data order
     alpha: float | None = None  # None: ALPHA[model], the same for every r
-    lr: float | None = None  # None: LORA_LR[model] or FULL_LR[model]
+    lr: float | None = None  # None: LORA_LR, FULL_LR, ADAPTER_LR or PREFIX_LR of the model
     steps: int | None = None  # None: settings.encoder_steps (encoder) or settings.train_steps (lm)
     size: int | None = None  # adapter bottleneck width or number of prefix tokens; else None
     split: str | None = None  # None: train, score on test; "val": fit on part of the training
