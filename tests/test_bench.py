@@ -91,6 +91,7 @@ def test_compare_latency_ratios(monkeypatch):
     assert res["fast"].ratio == 1.0
     assert res["slow"].ratio == pytest.approx(2.0)  # twice the work, measured by the same clock
     assert res["slow"].ratio_p10 == pytest.approx(2.0) and res["slow"].ratio_p90 == pytest.approx(2.0)
+    assert res["slow"].ratio_p50 == pytest.approx(2.0)
     assert res["slow"].median_s == pytest.approx(0.004)
     assert bench.latency_ratio(res["slow"], res["fast"]) == res["slow"].ratio
     rows = bench.latency_table(res, unit="ms")

@@ -52,6 +52,7 @@ class LatencyResult:
     samples_s: list[float] = field(default_factory=list)  # every timed repeat, in order
     ratio: float | None = None  # median / baseline median (compare_latency only)
     ratio_p10: float | None = None  # 10th percentile of the per-round ratios (interleaved only)
+    ratio_p50: float | None = None  # their median: inside [p10, p90], unlike ``ratio``
     ratio_p90: float | None = None  # 90th percentile of the per-round ratios (interleaved only)
 
     @property
@@ -115,7 +116,9 @@ def compare_latency(fns: dict[str, Callable[[], object]], baseline: str, warmup:
 
     With ``interleave=True`` every round calls each variant once, the order rotated each round, so
     slow spells of the machine fall on all variants alike; ``ratio_p10``/``ratio_p90`` are then the
-    spread of the per-round ratios (variant time / baseline time in the same round).
+    spread of the per-round ratios (variant time / baseline time in the same round) and
+    ``ratio_p50`` their median, the bar height that goes with that spread (the ratio of the two
+    medians, ``ratio``, can fall outside it).
     """
     if not fns:
         raise ValueError("fns must name at least one function to time")
@@ -148,7 +151,8 @@ def compare_latency(fns: dict[str, Callable[[], object]], baseline: str, warmup:
         res.ratio = res.median_s / base.median_s
         if interleave:
             per_round = np.asarray(samples[name]) / np.asarray(samples[baseline])
-            res.ratio_p10, res.ratio_p90 = (float(q) for q in np.percentile(per_round, [10, 90]))
+            res.ratio_p10, res.ratio_p50, res.ratio_p90 = (
+                float(q) for q in np.percentile(per_round, [10, 50, 90]))
     return results
 
 

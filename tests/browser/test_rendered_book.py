@@ -13,7 +13,9 @@ of `_build/html` (or `$LORABOOK_HTML`) is served from 127.0.0.1 and must:
   console error;
 - show no absolute path of the build machine (the checkout, the home folder, the virtualenv,
   a kernel's connection file), neither in its text nor in its HTML;
-- keep each output table's box inside the text column (a wider table scrolls in its box).
+- keep each output table's box inside the text column (a wider table scrolls in its box);
+- show figures wider than the text column at `lorabook.viz.plots.BOOK_COLUMN_PX`, the width at
+  which `lorabook.viz.export` checks that no figure text shows below 8 pt.
 
 Screenshots of each whole page go to `_build/screenshots/` (JPEG, in parts of 8,000 px). Skipped, with
 the reason, when the book is not built or the browser is missing.
@@ -38,6 +40,8 @@ from headless import (
     screenshot,
     set_viewport,
 )
+
+from lorabook.viz.plots import BOOK_COLUMN_PX
 
 pytestmark = pytest.mark.browser
 
@@ -68,6 +72,9 @@ for (const img of document.images) {
   if (!img.complete || img.naturalWidth === 0) out.broken.push(img.src.slice(0, 120));
 }
 out.figures = document.querySelectorAll(".cell_output img").length;
+// figures wider than the column are shown at its width: lorabook.viz.export sizes their text by it
+out.scaled_widths = Array.from(document.querySelectorAll(".cell_output img"))
+  .filter(i => i.naturalWidth > i.clientWidth + 1 && i.clientWidth > 0).map(i => i.clientWidth);
 out.players = document.querySelectorAll("div.animation").length;
 for (const el of document.querySelectorAll(".output.traceback, .output.error, .cell_output .error")) {
   out.errors.push(el.innerText.slice(0, 300));
@@ -231,6 +238,11 @@ def test_chapter_page_renders(browser, page):
     source = ROOT / "notebooks" / f"{page.stem}.ipynb"
     if source.is_file() and "$" in source.read_text(encoding="utf-8"):
         assert state["math"] > 0, "the chapter's source has math but the page has no formula"
+    # the width lorabook.viz.export assumes when it refuses figures whose text would show below
+    # plots.MIN_TEXT_PT: if the theme changes it, the text-size check must follow
+    off = sorted({w for w in state["scaled_widths"] if abs(w - BOOK_COLUMN_PX) > 4})
+    assert not off, (f"figures scaled to {off} px, not the {BOOK_COLUMN_PX} px column that "
+                     "lorabook.viz.plots.BOOK_COLUMN_PX (the text-size check) assumes")
     summary = state["summary"]
     if summary is not None and page.stem not in PRINTED_SUMMARIES:
         assert summary["lists"] > 0 and summary["printed"] == 0, (

@@ -93,3 +93,15 @@ def test_bad_names_and_objects_are_refused(figures):
     with pytest.raises(TypeError, match="Figure"):
         export.export([1, 2, 3], "ch2_x", chapter=2)
     assert not (figures / "fast" / "ch2_x.json").exists()
+
+
+def test_a_figure_too_wide_to_read_is_refused_and_a_legible_one_records_its_text_size(figures):
+    wide = Figure(figsize=(24, 3))
+    wide.text(0.0, 0.5, "left", ha="left")
+    wide.text(1.0, 0.5, "right", ha="right")
+    with pytest.raises(ValueError, match="smallest text shows at .* pt"):
+        export.export(wide, "ch1_wide", chapter=1)
+    assert not (figures / "fast" / "ch1_wide.json").exists()
+    export.export(_figure(), "ch1_line", chapter=1)
+    meta = json.loads((figures / "fast" / "ch1_line.json").read_text())
+    assert meta["smallest_text_pt"] >= export.MIN_TEXT_PT

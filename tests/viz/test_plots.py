@@ -46,3 +46,36 @@ def test_ratio_bars_draw_the_spread_from_p10_to_p90():
     assert ax.get_title() == "Latency" and ax.get_ylabel()
     with pytest.raises(ValueError, match="lacks"):
         plots.ratio_bars(table.drop(columns="ratio p90"))
+
+
+def _text_figure(width_in: float, size: float, dpi: int = 100):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, 2), dpi=dpi)
+    # two texts at the figure's edges: the tight box spans (almost) the whole width
+    fig.text(0.0, 0.5, "left", fontsize=size, ha="left")
+    fig.text(1.0, 0.5, "right", fontsize=size + 4, ha="right")
+    return fig
+
+
+def test_smallest_text_keeps_its_size_when_the_figure_fits_the_column():
+    # 5 in at 100 dpi = 500 px < 688 px: shown at natural size, 10 pt = 10 * 100 / 72 px = 10.42 CSS pt
+    fig = _text_figure(5.0, 10)
+    assert plots.smallest_text_pt(fig) == pytest.approx(10 * 100 / 96)
+
+
+def test_smallest_text_shrinks_with_a_figure_wider_than_the_column():
+    fig = _text_figure(20.0, 13)  # ~2000 px wide: scaled to 688 px, about a third
+    width_px = fig.get_tightbbox(fig._get_renderer()).width * fig.dpi
+    assert width_px > 1900
+    expected = 13 * 100 / 96 * plots.BOOK_COLUMN_PX / width_px
+    assert plots.smallest_text_pt(fig) == pytest.approx(expected)
+    assert plots.smallest_text_pt(fig) < plots.MIN_TEXT_PT
+    # the same figure at another dpi shows the same text: the column, not the dpi, sets the scale
+    assert plots.smallest_text_pt(_text_figure(20.0, 13, dpi=50)) == pytest.approx(expected, rel=0.02)
+
+
+def test_a_figure_without_text_has_nothing_to_read():
+    from matplotlib.figure import Figure
+
+    assert plots.smallest_text_pt(Figure(figsize=(3, 2))) == float("inf")

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from lorabook.analysis import relative_error
 from lorabook.viz.plots import DIVERGING, PALETTE, STYLE
 
-TITLE, LABEL, TICK = 23, 19, 17  # pt: the 17-inch frames show at ~0.65 scale in the page, ~8 pt+
+TITLE, LABEL, TICK = 24, 21, 20  # pt: the 17-inch frames show at ~0.4 scale in the page: >= 8 pt (export checks)
 Frame = dict[str, Any]
 Matrix = torch.Tensor | np.ndarray
 
@@ -140,6 +140,9 @@ def decomposition_animation(W0: Matrix, A: Matrix, B: Matrix, scaling: float = 1
         axes["W0"].set_ylabel("output feature (index)", fontsize=LABEL)
         axes["B"].set_xlabel("rank component", fontsize=LABEL)
         axes["A"].set_ylabel("rank", fontsize=TICK)
+        ends = [0, r - 1] if r > 1 else [0]  # whole components only: the narrow panels have room for two
+        axes["B"].set_xticks(ends)
+        axes["A"].set_yticks(ends)
         for key in ("B", "delta", "W"):  # rows are W0's rows: its labels serve all
             axes[key].tick_params(labelleft=False)
         axes["A"].tick_params(labelbottom=False)  # columns are the panel below's
@@ -156,7 +159,7 @@ def decomposition_animation(W0: Matrix, A: Matrix, B: Matrix, scaling: float = 1
         fig.text((after_bar + pos["W"].x0) / 2, middle, "=", fontsize=34, ha="center",
                  va="center")
         title = fig.suptitle(first["caption"], fontsize=TITLE, y=0.97)
-        fig.text(0.5, 0.905, f"LoRA: W = W0 + (alpha/r) B A, r = {r}; showing the "
+        fig.text(0.5, 0.9, f"LoRA: W = W0 + (alpha/r) B A, r = {r}; showing the "
                  f"{last['block']}", ha="center", fontsize=LABEL, color=PALETTE["random"])
 
     def update(i: int):

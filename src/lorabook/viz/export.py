@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from lorabook import config, models
 from lorabook.viz.animations import save_animation
+from lorabook.viz.plots import MIN_TEXT_PT, smallest_text_pt
 
 FIGURES_ENV = "LORABOOK_FIGURES"  # overrides where exported figures go
 MODES = ("gpu", "cpu", "fast")  # run settings, best first: the deck takes the first it finds
@@ -56,12 +57,24 @@ def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 10
     """Save a Figure (PNG), animation (GIF) or DataFrame (HTML) for the slides (chapter 2).
 
     Returns the path written, ``figures_dir()/<mode>/<name>.<ext>``, next to ``<name>.json``
-    (chapter, name, mode, commit, created, file). ``mode`` defaults to ``LORABOOK_MODE``.
+    (chapter, name, mode, commit, created, file; for figures and animations the smallest text
+    as the book shows it, ``smallest_text_pt``). ``mode`` defaults to ``LORABOOK_MODE``. A figure
+    whose text would show below ``plots.MIN_TEXT_PT`` at the book's width is refused
+    (ValueError): every chapter's exported figure is checked this way when nbval runs it.
     """
     _check(name, chapter)
     mode = mode or config.get_settings().mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    sidecar = {"chapter": chapter, "name": name}
+    if isinstance(obj, (Figure, animation.Animation)):
+        # what the book shows must be legible: every text >= MIN_TEXT_PT at the page's width
+        fig = obj if isinstance(obj, Figure) else obj._fig  # an animation's frames: whole figure
+        sidecar["smallest_text_pt"] = round(smallest_text_pt(fig, tight=fig is obj), 2)
+        if sidecar["smallest_text_pt"] < MIN_TEXT_PT:
+            raise ValueError(f"{name}: its smallest text shows at {sidecar['smallest_text_pt']} pt in "
+                             f"the book's column (below {MIN_TEXT_PT} pt): enlarge that text or "
+                             f"narrow the figure ({fig.get_size_inches()[0]:.1f} in wide)")
     folder = figures_dir() / mode
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, Figure):
@@ -79,8 +92,8 @@ def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 10
     else:
         raise TypeError("export saves a matplotlib Figure, a matplotlib Animation or a pandas "
                         f"DataFrame, got {type(obj).__name__}")
-    sidecar = {"chapter": chapter, "name": name, "kind": kind, "file": path.name, "mode": mode,
-               "commit": _commit(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    sidecar.update(kind=kind, file=path.name, mode=mode, commit=_commit(),
+                   created=time.strftime("%Y-%m-%d %H:%M:%S"))
     (folder / f"{name}.json").write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
     return path
 

@@ -64,7 +64,33 @@ def new_figure(figsize: tuple[float, float] = STYLE["figure.figsize"]):
     return plt.figure(figsize=figsize)
 
 
-PAGE_WIDTH_IN = 11.5  # widest figure whose 11-13 pt text stays >= ~8 pt at the book's page width
+PAGE_WIDTH_IN = 11.5  # widest figure whose 13 pt text stays >= ~8 pt at the book's page width
+# A cell output's width in the rendered book, CSS px, at the 1280 x 900 window of the browser test
+# (tests/browser/test_rendered_book.py measures it, so this number cannot go stale silently).
+BOOK_COLUMN_PX = 688
+MIN_TEXT_PT = 8.0  # the smallest text a figure may show at that width
+
+
+def smallest_text_pt(fig, tight: bool = True) -> float:
+    """The smallest text of ``fig`` as the book shows it, in CSS points (chapter 1).
+
+    The inline backend saves a figure at ``fig.dpi`` with a tight bounding box (an animation's
+    frames keep the whole figure: ``tight=False``); the page shows it at its natural size, or
+    scaled down to ``BOOK_COLUMN_PX`` when wider. A nominal size of
+    s pt is then s * dpi / 72 image pixels, times that scale, at 0.75 pt per CSS px. Only
+    visible, non-empty texts count (titles, labels, tick labels, legends, annotations).
+    """
+    from matplotlib.text import Text
+
+    renderer = fig._get_renderer()  # what tight_layout uses; works for a bare Figure too
+    width_in = fig.get_tightbbox(renderer).width if tight else fig.get_size_inches()[0]
+    width_px = width_in * fig.dpi
+    scale = min(1.0, BOOK_COLUMN_PX / width_px)
+    # tick labels of ticks outside the view count too: they share the drawn ones' size
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    if not sizes:
+        return float("inf")  # no text: nothing to read
+    return min(sizes) * fig.dpi / 72 * scale * 0.75
 
 
 def panel_grid(fig, n: int, cols: int = 2):
