@@ -130,3 +130,36 @@ def test_empty_inputs_raise():
         quant_plots.error_figure({})
     with pytest.raises(ValueError):
         quant_plots.format_figure([], {})
+
+
+def test_chapter_figures_are_legible_at_the_book_width():
+    """As chapter 5 calls them: every text >= MIN_TEXT_PT in the book's column (export checks it)."""
+    from lorabook.viz import plots
+
+    p_pos = torch.linspace(0.9677083, 0.5, 9)[:-1]
+    p_neg = torch.linspace(0.9677083, 0.5, 8)[:-1]
+    rows = [{"quant_type": qt, "blocksize": b, "mae_over_std": 0.07 + 0.01 * i}
+            for qt in ("nf4", "fp4", "int4") for i, b in enumerate((32, 64, 128, 256, 512, 1024, 2048, 4096))]
+    cost = [{"format": f, "model_bytes": 1e8, "held-out ppl": 100.0, "target ppl": 12.0}
+            for f in ("fp32", "bf16", "nf4", "nf4+dq", "fp4", "int4")]
+    figures = {
+        "quantiles": quant_plots.quantile_figure(p_pos, p_neg, NF4),
+        "codebooks": quant_plots.codebook_figure({"NF4": NF4, "FP4": fp4_codebook(),
+                                                  "Int4": int4_codebook()}),
+        "absmax": quant_plots.absmax_figure(torch.randn(32) * 0.02, 8, NF4),
+        "bits": quant_plots.bits_figure({"NF4, blocksize 64": {"4-bit codes": 4.0, "absmax (fp32)": 0.5},
+                                         "NF4 + double quantization": {
+                                             "4-bit codes": 4.0, "absmax (8-bit codes)": 0.125,
+                                             "2nd-level absmax + offset (fp32)": 0.002}}),
+        "errors": quant_plots.error_figure({"N(0, 1), 1024 x 1024": rows, "MiniLM encoder": rows,
+                                            "SmolLM2 decoder (Q4_1 grid)": rows},
+                                           anchors={"nf4": {64: 0.0728}, "fp4": {64: 0.0966}}),
+        "formats": quant_plots.format_figure(cost, {"held-out ppl": "held-out perplexity",
+                                                    "target ppl": "task-target perplexity"}),
+    }
+    small = {name: round(plots.smallest_text_pt(fig), 2) for name, fig in figures.items()}
+    assert all(pt >= plots.MIN_TEXT_PT for pt in small.values()), small
+    errors = figures["errors"]
+    assert len([ax for ax in errors.axes if ax.get_lines()]) == 3  # a panel per source, two a row
+    assert errors.axes[0].get_shared_y_axes().joined(errors.axes[0], errors.axes[2])  # one error scale
+    plt.close("all")

@@ -110,3 +110,17 @@ def test_rank_animation_steps_through_r():
     assert anim._fig._suptitle.get_text().startswith("r = 8")
     html = anim.to_jshtml()
     assert "<img" in html or "data:image" in html
+
+
+def test_figures_and_animation_are_legible_at_the_book_width():
+    """Chapter 4's figures and the animation's frames: every text >= MIN_TEXT_PT in the column."""
+    long_title = "encoder, stored sweep"
+    for fig in (sweep_plots.rank_score_figure(_records(), long_title, "held-out accuracy (fraction)"),
+                sweep_plots.params_score_figure(_records(), f"{long_title}: score against trainable "
+                                                "parameters", "held-out accuracy (fraction)")):
+        assert plots.smallest_text_pt(fig) >= plots.MIN_TEXT_PT
+    spectra = [torch.ones(r) for r in (1, 2, 4)]
+    anim = sweep_plots.rank_animation([1, 2, 4], [0.5, 0.6, 0.65], spectra, full_score=0.7,
+                                      ylabel="held-out accuracy (fraction)", layer="block 3, W_q")
+    assert plots.smallest_text_pt(anim._fig, tight=False) >= plots.MIN_TEXT_PT  # frames: whole figure
+    anim._draw_was_started = True  # built, not shown: no warning when it is collected

@@ -93,18 +93,18 @@ def smallest_text_pt(fig, tight: bool = True) -> float:
     return min(sizes) * fig.dpi / 72 * scale * 0.75
 
 
-def panel_grid(fig, n: int, cols: int = 2):
+def panel_grid(fig, n: int, cols: int = 2, **subplots_kw):
     """``n`` panels, at most ``cols`` a row, and the free cells left over (chapter 4).
 
     Wide rows of three or more panels shrink every label below legibility at the page's width;
     two a row, with the legend in a free cell (``legend_in``), keep the figure under
-    ``PAGE_WIDTH_IN`` inches.
+    ``PAGE_WIDTH_IN`` inches. ``subplots_kw`` go to ``fig.subplots`` (e.g. ``sharey=True``).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     cols = min(cols, n)
     rows = -(-n // cols)
-    cells = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    cells = list(fig.subplots(rows, cols, squeeze=False, **subplots_kw).ravel())
     return cells[:n], cells[n:]
 
 

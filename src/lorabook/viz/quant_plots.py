@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorabook.quant.nf4 import blockwise_scale
-from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, new_figure
+from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, legend_in, new_figure, panel_grid
 
 FORMAT_COLORS = {"fp32": PALETTE["base"], "bf16": PALETTE["random"], "nf4": PALETTE["nf4"],
                  "nf4+dq": PALETTE["nf4"], "fp4": PALETTE["fp4"], "int4": "#B8A200"}  # int4 darker
@@ -118,13 +118,13 @@ def weight_histograms(groups: Mapping[str, torch.Tensor | Sequence[torch.Tensor]
 
 
 def quantile_figure(p_pos, p_neg, codebook) -> Figure:
-    """How NF4's levels come from N(0, 1) quantiles: the CDF (left), the 16 levels (right) (chapter 5)."""
+    """How NF4's levels come from N(0, 1) quantiles: the CDF (top), the 16 levels (bottom) (chapter 5)."""
     p_pos, p_neg, c = _vector(p_pos, "p_pos"), _vector(p_neg, "p_neg"), _codebook(codebook)
     q_pos = _np(torch.special.ndtri(torch.as_tensor(p_pos)))
     q_neg = -_np(torch.special.ndtri(torch.as_tensor(p_neg)))
-    fig = new_figure((13, 4.8))
+    fig = new_figure((9, 9))  # stacked: legible at the page's width (plots.MIN_TEXT_PT)
     with mpl.rc_context(STYLE):
-        left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+        left, right = fig.subplots(2, 1)
         z = np.linspace(-2.6, 2.6, 400)
         cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
         left.plot(z, cdf, color="black", lw=2, label="Φ(z), CDF of N(0, 1)")
@@ -138,7 +138,7 @@ def quantile_figure(p_pos, p_neg, codebook) -> Figure:
         left.set_title("Step 1: quantiles of N(0, 1)")
         left.set_xlabel("z (standard deviations)")
         left.set_ylabel("probability Φ(z)")
-        left.legend(loc="upper left", fontsize=10)
+        left.legend(loc="upper left", fontsize=12)
         pdf_x = np.linspace(-1, 1, 400)
         scale = max(q_pos.max(), -q_neg.min())
         right.fill_between(pdf_x, np.exp(-(pdf_x * scale) ** 2 / 2), color="0.9",
@@ -147,12 +147,12 @@ def quantile_figure(p_pos, p_neg, codebook) -> Figure:
                    for v in c]
         right.vlines(c, 0, 1, colors=colours, lw=2)
         for i, v in enumerate(c):
-            right.annotate(str(i), (v, 1.02), ha="center", fontsize=9)
-        right.set_ylim(0, 1.12)
+            right.annotate(str(i), (v, 1.02), ha="center", fontsize=12)
+        right.set_ylim(0, 1.14)
         right.set_title("Step 2: divide by the largest: 16 levels")
         right.set_xlabel("normalised value (code index above each level)")
         right.set_ylabel("N(0, 1) density (relative)")
-        right.legend(loc="lower center", fontsize=10)
+        right.legend(loc="lower center", fontsize=12)
         fig.tight_layout()
     return fig
 
@@ -161,7 +161,7 @@ def codebook_figure(codebooks: Mapping[str, torch.Tensor]) -> Figure:
     """The 16 levels of several 4-bit formats on one number line each (chapter 5)."""
     if not codebooks:
         raise ValueError("codebook_figure needs at least one codebook")
-    fig = new_figure((11, 1.2 + 0.8 * len(codebooks)))
+    fig = new_figure((9, 1.5 + 0.8 * len(codebooks)))
     with mpl.rc_context(STYLE):
         ax = fig.subplots()
         for row, (name, code) in enumerate(codebooks.items()):
@@ -170,9 +170,9 @@ def codebook_figure(codebooks: Mapping[str, torch.Tensor]) -> Figure:
             ax.hlines(y, -1, 1, color="0.7", lw=1)
             ax.plot(values, np.full(values.size, y), "|", ms=22, mew=3,
                     color=FORMAT_COLORS.get(name.lower(), SEQUENCE[row % len(SEQUENCE)]))
-            ax.annotate(f"{values.size} levels", (1.04, y), va="center", fontsize=10)
+            ax.annotate(f"{values.size} levels", (1.05, y), va="center", fontsize=12)
         ax.set_yticks(range(len(codebooks)), list(codebooks)[::-1])
-        ax.set_xlim(-1.08, 1.25)
+        ax.set_xlim(-1.08, 1.4)
         ax.set_ylim(-0.6, len(codebooks) - 0.4)
         ax.grid(axis="y", visible=False)
         ax.set_title("Where each 4-bit format puts its levels")
@@ -217,7 +217,7 @@ def absmax_figure(x, blocksize: int, codebook) -> Figure:
     err_one = np.abs(blockwise_roundtrip(x, x.size, c) - x)
     err_blocks = np.abs(blockwise_roundtrip(x, blocksize, c) - x)
     pos = np.arange(x.size)
-    fig = new_figure((12, 6.5))
+    fig = new_figure((9, 7))
     with mpl.rc_context(STYLE):
         top, bottom = fig.subplots(2, 1, sharex=True)
         top.bar(pos, x, color=PALETTE["full"], width=0.7)
@@ -234,7 +234,7 @@ def absmax_figure(x, blocksize: int, codebook) -> Figure:
         top.set_title(f"Blockwise absmax: blocks of {blocksize} values")
         top.set_ylabel("weight value")
         top.set_xlabel("position in the vector")
-        top.legend(loc="lower right", fontsize=10)
+        top.legend(loc="lower right", fontsize=12)
         width = 0.4
         bottom.bar(pos - width / 2, err_one, width, color="black",
                    label=f"one absmax: mean {err_one.mean():.3f}")
@@ -243,7 +243,7 @@ def absmax_figure(x, blocksize: int, codebook) -> Figure:
         bottom.set_ylabel("|W - Q(W)|")
         bottom.set_xlabel("position in the vector")
         bottom.set_title("Rounding error of each value")
-        bottom.legend(loc="upper right", fontsize=10)
+        bottom.legend(loc="upper right", fontsize=12)
         fig.tight_layout()
     return fig
 
@@ -253,7 +253,8 @@ def bits_figure(parts: Mapping[str, Mapping[str, float]]) -> Figure:
     if not parts:
         raise ValueError("bits_figure needs at least one layout")
     components = list(dict.fromkeys(k for p in parts.values() for k in p))
-    fig = new_figure((13, 1.6 + 0.9 * len(parts)))
+    rows = -(-len(components) // 2)  # the legend under the bars, two entries a row
+    fig = new_figure((9, 1.9 + 0.9 * len(parts) + 0.35 * rows))
     with mpl.rc_context(STYLE):
         ax = fig.subplots()
         names = list(parts)[::-1]
@@ -267,7 +268,8 @@ def bits_figure(parts: Mapping[str, Mapping[str, float]]) -> Figure:
         ax.set_xlim(0, left.max() * 1.18)
         ax.set_title("Bits stored per weight, measured from the tensors")
         ax.set_xlabel("bits per weight")
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=10)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), borderaxespad=3.6,  # under the label
+                  ncols=2, fontsize=12, frameon=False)
         ax.grid(axis="y", visible=False)
         fig.tight_layout()
     return fig
@@ -280,13 +282,17 @@ def error_figure(tables: Mapping[str, Sequence[Mapping[str, float]]], value: str
 
     ``tables`` maps a panel title to ``compare.error_table`` rows; ``anchors`` ({quant_type:
     {blocksize: error}}, e.g. bitsandbytes' published figures) are marked on the first panel.
+    Two panels a row (``plots.panel_grid``), one legend for all, in a free cell if there is one.
     """
     if not tables:
         raise ValueError("error_figure needs at least one table")
-    fig = new_figure((4.6 * len(tables) + 1, 4.8))
+    cols = min(2, len(tables))
+    n_rows = -(-len(tables) // cols)
+    legend_under = len(tables) > 1 and len(tables) % cols == 0  # no free cell: under the panels
+    fig = new_figure((4.7 * cols + 0.6, 4.2 * n_rows + (0.6 if legend_under else 0)))
     with mpl.rc_context(STYLE):
-        axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)
-        for k, (ax, (title, rows)) in enumerate(zip(axes[0], tables.items(), strict=True)):
+        axes, spare = panel_grid(fig, len(tables), cols, sharey=True)
+        for k, (ax, (title, rows)) in enumerate(zip(axes, tables.items(), strict=True)):
             for qt in dict.fromkeys(r["quant_type"] for r in rows):
                 pts = sorted((r["blocksize"], r[value]) for r in rows if r["quant_type"] == qt)
                 ax.plot(*zip(*pts, strict=True), "o-", color=FORMAT_COLORS.get(qt),
@@ -298,34 +304,46 @@ def error_figure(tables: Mapping[str, Sequence[Mapping[str, float]]], value: str
             ax.set_xscale("log", base=2)
             ax.set_title(title)
             ax.set_xlabel("blocksize (values per absmax)")
-            ax.legend(fontsize=10)
-        axes[0][0].set_ylabel(ylabel)
-        fig.tight_layout()
+            if k % cols == 0:
+                ax.set_ylabel(ylabel)
+        if len(axes) == 1:
+            axes[0].legend(fontsize=12)
+        else:
+            legend_in(fig, axes[0], spare)
+        fig.tight_layout(rect=(0, 0.1 if legend_under else 0, 1, 1))
     return fig
 
 
 def format_figure(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, str]) -> Figure:
-    """Bars per storage format: model size, then each metric ({row key: axis label}) (chapter 5)."""
+    """Bars per storage format: model size, then each metric ({row key: axis label}) (chapter 5).
+
+    Two panels a row (``plots.panel_grid``): legible at the page's width.
+    """
     if not rows:
         raise ValueError("format_figure needs at least one row")
     names = [r["format"] for r in rows]
     colours = [FORMAT_COLORS.get(n, "0.5") for n in names]
     panels = {"model_bytes": "model size (MB)", **metrics}
-    fig = new_figure((4.4 * len(panels) + 0.5, 4.8))
+    cols = min(2, len(panels))
+    n_rows = -(-len(panels) // cols)
+    fig = new_figure((4.6 * cols + 0.4, 4.4 * n_rows))
     with mpl.rc_context(STYLE):
-        axes = fig.subplots(1, len(panels))
-        for ax, (key, label) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+        axes, spare = panel_grid(fig, len(panels), cols)
+        for ax, (key, label) in zip(axes, panels.items(), strict=True):
             vals = [r[key] / 1e6 if key == "model_bytes" else r[key] for r in rows]
             bars = ax.bar(names, vals, color=colours, edgecolor="black",
                           hatch=["//" if n == "nf4+dq" else "" for n in names])
             for b, v in zip(bars, vals, strict=True):
                 ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=10)
+                            ha="center", va="bottom", fontsize=12)
+            ax.margins(y=0.1)  # room for the value over the tallest bar (bars keep 0 at the bottom)
             ax.set_title(label.split(" (")[0])
             ax.set_ylabel(label)
             ax.set_xlabel("storage format of the linear layers")
             ax.tick_params(axis="x", rotation=30)
             ax.grid(axis="x", visible=False)
+        for ax in spare:
+            ax.remove()
         fig.tight_layout()
     return fig
 

@@ -73,12 +73,18 @@ def _full_line(ax, ref, metric: str, unit: float = 1.0) -> None:
         ax.axhspan(mean - std, mean + std, color=PALETTE["full"], alpha=0.12, lw=0)
 
 
+def _legend_under(ax) -> None:
+    """The legend under the x label, two entries a row: error bars and labels stay uncovered."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), borderaxespad=4, ncols=2, fontsize=11,
+              frameon=False)
+
+
 def rank_score_figure(records: Sequence[dict], title: str, ylabel: str,
                       metric: str = "score") -> Figure:
     """Score against r per target set, mean and std over seeds, full FT as a line (chapter 4)."""
     groups, ref = _groups(records, metric)
     keys = list(groups)
-    fig = new_figure((10, 5.5))
+    fig = new_figure((9, 6.5))  # 11 pt legend: >= plots.MIN_TEXT_PT at the page's width
     with mpl.rc_context(STYLE):
         ax = fig.add_subplot()
         ranks = sorted({int(r) for rows in groups.values() for r in rows["r"]})
@@ -98,7 +104,7 @@ def rank_score_figure(records: Sequence[dict], title: str, ylabel: str,
         spread = " (mean ± std over the seeds in the legend)" if uneven else (
             f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else "")
         ax.set(xlabel="LoRA rank r (log scale)", ylabel=ylabel, title=title + spread)
-        ax.legend(fontsize=10, loc="best")
+        _legend_under(ax)
         fig.tight_layout()
     return fig
 
@@ -112,7 +118,7 @@ def params_score_figure(records: Sequence[dict], title: str, ylabel: str,
         if rec.get("method") == "lora":
             params[(rec["targets"], rec["scaling"], rec["base"], rec["r"])] = rec["trainable"]
     keys = list(groups)
-    fig = new_figure((10, 5.5))
+    fig = new_figure((9, 6.5))  # 11 pt labels: >= plots.MIN_TEXT_PT at the page's width
     with mpl.rc_context(STYLE):
         ax = fig.add_subplot()
         for key, rows in groups.items():
@@ -123,11 +129,11 @@ def params_score_figure(records: Sequence[dict], title: str, ylabel: str,
                         label=style["label"])
             for xi, yi, r in zip(x, rows[f"{metric}_mean"], rows["r"], strict=True):
                 ax.annotate(f"r={int(r)}", (xi, yi), textcoords="offset points", xytext=(4, 6),
-                            fontsize=9, color=style["color"])
+                            fontsize=11, color=style["color"])
         _full_line(ax, ref, metric)
         ax.set_xscale("log")
         ax.set(xlabel="trainable parameters (count, log scale)", ylabel=ylabel, title=title)
-        ax.legend(fontsize=10, loc="best")
+        _legend_under(ax)
         fig.tight_layout()
     return fig
 
@@ -225,7 +231,7 @@ def rank_frames(ranks: Sequence[int], scores: Sequence[float], spectra: Sequence
         caption = f"r = {r}: score {score:.3f}"
         if full_score is not None:
             caption += f" (full fine-tuning {full_score:.3f})"
-        caption += f"; the top direction holds {top1:.0%} of ‖ΔW‖²"
+        caption += f"\nthe top direction holds {top1:.0%} of ‖ΔW‖²"  # two lines: a narrow figure
         frames.append({"rank": r, "score": score, "ranks": ranks[: k + 1],
                        "scores": scores[: k + 1], "sigma": sigma, "top1": top1,
                        "caption": caption})
@@ -235,16 +241,20 @@ def rank_frames(ranks: Sequence[int], scores: Sequence[float], spectra: Sequence
 def rank_animation(ranks: Sequence[int], scores: Sequence[float], spectra: Sequence[Any],
                    full_score: float | None = None, ylabel: str = "held-out score",
                    layer: str = "", interval_ms: int = 1200) -> animation.FuncAnimation:
-    """Step through r: the score so far (left) and delta_W's spectrum at this r (right) (chapter 4)."""
+    """Step through r: the score so far (top) and delta_W's spectrum at this r (bottom) (chapter 4).
+
+    The panels are stacked, 9 inches wide: every text stays >= ``plots.MIN_TEXT_PT`` when a
+    frame is scaled to the book's column.
+    """
     frames = rank_frames(ranks, scores, spectra, full_score)
     ranks = frames[-1]["ranks"]
     top = max(float(f["sigma"].max()) for f in frames) * 2
     low = min(float(f["sigma"][f["sigma"] > 0].min()) for f in frames if (f["sigma"] > 0).any()) / 2 \
         if any((f["sigma"] > 0).any() for f in frames) else 1e-6
     with mpl.rc_context(STYLE):
-        fig = Figure(figsize=(15, 5.5), dpi=100)
+        fig = Figure(figsize=(9, 10), dpi=100)
         FigureCanvasAgg(fig)  # no pyplot: the animation is not also shown as a still figure
-        ax_s, ax_v = fig.subplots(1, 2)
+        ax_s, ax_v = fig.subplots(2, 1)
         values = [*frames[-1]["scores"], *([full_score] if full_score is not None else [])]
         pad = max(0.02, 0.1 * (max(values) - min(values)))
         ax_s.set_ylim(min(values) - pad, max(values) + pad)
@@ -255,7 +265,7 @@ def rank_animation(ranks: Sequence[int], scores: Sequence[float], spectra: Seque
         _log2_ranks(ax_s, ranks)
         ax_s.set_xlim(ranks[0] / 1.5, ranks[-1] * 1.5)
         ax_s.set(xlabel="LoRA rank r (log scale)", ylabel=ylabel, title="score against r")
-        ax_s.legend(loc="lower right", fontsize=10)
+        ax_s.legend(loc="lower right", fontsize=12)
         ghosts = [ax_v.plot([], [], "o-", color=PALETTE["random"], lw=1, ms=3, alpha=0.5)[0]
                   for _ in frames]
         (spec,) = ax_v.plot([], [], "o-", color=PALETTE["lora"], ms=5)
@@ -264,7 +274,7 @@ def rank_animation(ranks: Sequence[int], scores: Sequence[float], spectra: Seque
                  ylabel="σ_i of ΔW = scaling · B A (weight units)",
                  title=f"spectrum of the learned ΔW{', ' + layer if layer else ''}")
         title = fig.suptitle("", fontsize=15)
-        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the caption's two lines
 
     def update(i: int):
         f = frames[i]
