@@ -142,7 +142,7 @@ def test_qlora_rows_per_format_say_no_record_yet_without_the_file(tmp_path):
     table = evidence.ledger({"qlora": None}, {"qlora": evidence.QLORA_CLAIMS}, learned=False)
     assert len(table) == len(evidence.QLORA_CLAIMS)
     for name in evidence.FORMAT_NAMES.values():  # one "matches 16-bit LoRA" row per format
-        assert table["claim"].str.contains(f"QLoRA on a {name} base", regex=False).sum() == 1
+        assert table["claim"].str.contains(f"QLoRA, base in {name} (", regex=False).sum() == 1
     assert set(table["verdict"]) == {"no records yet (A and B)"}
     assert evidence.record_path("qlora", tmp_path) is None
 
