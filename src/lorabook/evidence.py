@@ -1,6 +1,7 @@
 """The evidence path: records -> statistics -> verdicts -> the claims ledger (chapter 4, ledger page).
 
-- **Records**: the results files of ``lorabook.record`` (``benchmarks/results/{model}_record*.jsonl``);
+- **Records**: the results files of ``lorabook.record`` (``benchmarks/results/{model}_record*.jsonl``,
+  the QLoRA grid in ``qlora_record*.jsonl``);
   every test run keeps each test example's 1/0 score (``per_example``).
 - **Statistics**: a configuration's score is the mean over its seeds and the test examples; its
   95% interval comes from a bootstrap that resamples seeds *and* examples. A difference between two
@@ -248,6 +249,27 @@ ENCODER_CLAIMS = (
     Claim("Encoder: LoRA r = 1 on W_q, W_v reaches full fine-tuning", "4", _lora(1, "qv"), FULL),
     Claim("Encoder: LoRA r = 64 on all layers reaches full fine-tuning", "4", _lora(64, "all"), FULL),
 )
+FORMAT_NAMES = {"nf4": "NF4 + DQ", "fp4": "FP4", "int4": "Int4"}
+
+
+def _q(r: int, targets: str, base: str) -> dict:
+    """A QLoRA quality run of record: LoRA over the de-quantized 4-bit base (record.qlora_grid_specs)."""
+    return {**_lora(r, targets), "base": base, "dense_base": True}
+
+
+def _f(r: int, targets: str) -> dict:
+    """16-bit LoRA of the QLoRA grid: the same adapter over the float base."""
+    return {**_lora(r, targets), "base": "float"}
+
+
+QLORA_CLAIMS = (  # the QLoRA grid's file, qlora_record*.jsonl (record.qlora_grid_specs)
+    *(Claim(f"QLoRA, base in {FORMAT_NAMES[f]} (r = 8, all linear layers), matches 16-bit LoRA",
+            "6" if f == "nf4" else "7", _q(8, "all", f), _f(8, "all")) for f in FORMAT_NAMES),
+    *(Claim(f"QLoRA, base in NF4 + DQ, matches 16-bit LoRA at r = {r}", "7",
+            _q(r, "all", "nf4"), _f(r, "all")) for r in (2, 64)),
+    Claim("With a 4-bit base, all linear layers beat attention only at r = 8 (QLoRA, section 4)",
+          "6", _q(8, "all", "nf4"), _q(8, "attn", "nf4"), rule="above"),
+)
 
 
 def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
@@ -269,10 +291,10 @@ def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
 def ledger(files: dict[str, str | os.PathLike | None] | None = None,
            claims: dict[str, Sequence[Claim]] | None = None, learned: bool = True) -> pd.DataFrame:
     """The claims ledger: each claim, A and B's scores, the difference with its 95% interval,
-    the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder" to
-    a results file (default: ``record_path``). ``learned`` adds the rows of
+    the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder"/"qlora"
+    to a results file (default: ``record_path``; "qlora" is the LM's QLoRA grid). ``learned`` adds the rows of
     ``what_was_learned`` (Table 7, Figure 3) when the adapters' factors are stored."""
-    claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS}
+    claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS, "qlora": QLORA_CLAIMS}
     files = files if files is not None else {m: record_path(m) for m in claims}
     rows = []
     for model, model_claims in claims.items():

@@ -17,6 +17,11 @@ appended at once, so the command resumes where it stopped. From a shell::
 
     LORABOOK_MODE=record python -m lorabook.record --model lm --workers 8 \\
         --out benchmarks/results/lm_record_gpu.jsonl
+
+The QLoRA grid of record (chapters 6 and 7; on a GPU name the file ``qlora_record_gpu.jsonl``)::
+
+    LORABOOK_MODE=record python -m lorabook.record --model lm --grid qlora --workers 8 \\
+        --out benchmarks/results/qlora_record.jsonl
 """
 
 from __future__ import annotations
@@ -130,6 +135,37 @@ def grid_specs(model: str, lrs: dict[str, float],
             else:
                 out.append(RunSpec("encoder", "full", seed=seed, lr=lrs["full"]))
                 out += [lora(r, t, seed=seed) for t in ("q", "qv", "all") for r in RANKS]
+    return out
+
+
+# The QLoRA grid of record (chapters 6 and 7): LoRA on the LM over each storage of W0, all linear
+# layers at three ranks, and attention only at r = 8 (QLoRA's section 4: attention alone falls
+# short). Quality runs hold the de-quantized Q(W0) as a dense frozen weight (``dense_base``: the
+# same function, bit for bit in fp32, at LoRA's cost); seed 0 of each 4-bit base at r = 8 also
+# trains on the codes themselves, for memory and time per step side by side.
+QLORA_BASES = ("float", "nf4", "fp4", "int4")
+QLORA_RANKS = (2, 8, 64)
+QLORA_ATTENTION = ("float", "nf4")  # attention-only at r = 8, on these bases
+
+
+def qlora_grid_specs(lr: float, seeds: tuple[Sequence[int], ...] = (FIRST_SEEDS, MORE_SEEDS)
+                     ) -> list[RunSpec]:
+    """The QLoRA grid of record, in order of priority, seeds 0-2 first (chapters 6, 7).
+
+    ``lr`` is LoRA's learning rate, chosen on the validation split as for the main grid (the
+    QLoRA paper keeps 16-bit LoRA's hyperparameters). rsLoRA scaling, as the main grid.
+    """
+    def lora(r: int, targets: str, base: str, seed: int, dense: bool = True) -> RunSpec:
+        return RunSpec("lm", "lora", r, targets, "rslora", base=base, seed=seed, lr=lr,
+                       dense_base=True if dense and base != "float" else None)
+
+    out: list[RunSpec] = []
+    for group in seeds:
+        for seed in group:
+            out += [lora(r, "all", base, seed) for r in QLORA_RANKS for base in QLORA_BASES]
+            out += [lora(8, "attn", base, seed) for base in QLORA_ATTENTION]
+            if seed == 0:  # the true 4-bit path: memory and time per step
+                out += [lora(8, "all", base, 0, dense=False) for base in QLORA_BASES[1:]]
     return out
 
 
@@ -281,16 +317,33 @@ def merge_shards(out: Path, settings: RunSettings) -> int:
 
 def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float("inf"),
                settings: RunSettings | None = None, mixed_precision: bool | None = None,
-               stages: Sequence[str] = ("lr", "grid"), max_runs: int | None = None) -> list[dict]:
+               stages: Sequence[str] = ("lr", "grid"), max_runs: int | None = None,
+               grid: str = "main") -> list[dict]:
     """Both stages for one model into ``out``; resumes; stops claiming runs after budget_s (chapter 4).
 
     ``max_runs`` keeps only the first runs of each stage (a trial of the command, not a record).
+    ``grid="qlora"`` (the LM only): LoRA's learning-rate candidates, then ``qlora_grid_specs``.
     """
+    if grid not in ("main", "qlora"):
+        raise ValueError(f"grid must be 'main' or 'qlora', got {grid!r}")
+    if grid == "qlora" and model != "lm":
+        raise ValueError(f"the QLoRA grid is the LM's, got model {model!r}")
     settings = settings or get_settings()
     if mixed_precision is None:
         mixed_precision = torch.cuda.is_available()
     deadline = time.time() + budget_s
     out.parent.mkdir(parents=True, exist_ok=True)
+    if grid == "qlora":
+        if "lr" in stages:
+            specs = [s for s in lr_specs(model) if s.method == "lora"]
+            run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
+        records = read_results(out)[1] if out.exists() else []
+        if "grid" in stages and any(r.get("method") == "lora" and r.get("split") == "val"
+                                    for r in records):  # no chosen lr yet: the grid waits
+            specs = qlora_grid_specs(choose_lr(records, model, "lora")[0])
+            run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
+            records = read_results(out)[1]
+        return records
     if "lr" in stages:
         run_parallel(lr_specs(model)[:max_runs], out, workers, deadline, settings, mixed_precision)
     records = read_results(out)[1] if out.exists() else []
@@ -314,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "grid over seeds, appended to --out as each run ends (re-run to resume). "
                     "Use LORABOOK_MODE=record.")
     parser.add_argument("--model", choices=("lm", "encoder"))
+    parser.add_argument("--grid", choices=("main", "qlora"), default="main",
+                        help="main: the grid of chapter 4; qlora: the QLoRA grid (LM, chapters 6-7)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--workers", type=int, default=1, help="runs at once (one GPU holds many)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
@@ -341,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not stages or set(stages) - {"lr", "grid"}:
         parser.error(f"--stages takes lr and/or grid, got {args.stages!r}")
     records = run_record(args.model, Path(args.out), args.workers, args.budget_s, settings,
-                         args.mixed_precision or None, stages, args.max_runs)
+                         args.mixed_precision or None, stages, args.max_runs, args.grid)
     print(f"{len(records)} records in {args.out}")
 
 

@@ -108,6 +108,9 @@ class RunSpec:
     size: int | None = None  # adapter bottleneck width or number of prefix tokens; else None
     split: str | None = None  # None: train, score on test; "val": fit on part of the training
     # templates and score on the rest (choosing the learning rate, never looking at the test)
+    dense_base: bool | None = None  # 4-bit bases only: True holds the de-quantized Q(W0) as a
+    # dense frozen weight (the same function, bit for bit in fp32, at LoRA's cost per step: the
+    # QLoRA quality runs of record); None trains on the 4-bit codes (memory and time per step)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -149,6 +152,11 @@ class RunSpec:
                                  f"model {self.model!r}, got {self.targets!r}")
             if self.scaling not in SCALINGS:
                 raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.dense_base not in (None, True):
+            raise ValueError(f"dense_base must be None (the 4-bit path) or True, got {self.dense_base!r}")
+        if self.dense_base and self.base == "float":
+            raise ValueError("dense_base=True holds a de-quantized 4-bit W0: it needs base "
+                             f"'nf4', 'fp4' or 'int4', got base={self.base!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         for name in ("alpha", "lr"):
@@ -184,7 +192,7 @@ class RunSpec:
         """A stable id of the run: every field that is set, e.g. "lm|lora|r=8|targets=qv|..." (chapter 4)."""
         parts = [self.model, self.method]
         for name in ("r", "targets", "scaling", "base", "seed", "alpha", "lr", "steps", "size",
-                     "split"):
+                     "split", "dense_base"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}")
@@ -197,7 +205,8 @@ class RunSpec:
                     "adapter": f"adapters (bottleneck {self.size})",
                     "prefix": f"prefix tuning ({self.size} tokens)"}[self.method]
         extra = [s for s in (self.scaling if self.scaling != "lora" else "",
-                             self.base if self.base != "float" else "") if s]
+                             self.base if self.base != "float" else "",
+                             "dense Q(W0)" if self.dense_base else "") if s]
         return f"LoRA r={self.r} on {self.targets}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -291,7 +300,10 @@ def prepare_model(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
     if spec.base != "float":
         quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
                        quant_type=spec.base, skip=(HEAD[spec.model],))
-        qlora.recompute_in_backward(model)  # keep only the 4-bit codes between forward and backward
+        if spec.dense_base:  # Q(W0) once, as a frozen dense weight: same function, LoRA's cost
+            qlora.dequantize_model(model)
+        else:
+            qlora.recompute_in_backward(model)  # keep only the 4-bit codes between forward and backward
     seed_everything(spec.seed)
     return apply_lora(model, TARGET_SETS[spec.model][spec.targets], r=spec.r, alpha=spec.alpha,
                       use_rslora=spec.scaling == "rslora",
