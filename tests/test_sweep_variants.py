@@ -154,3 +154,21 @@ def test_choose_lr_keeps_variants_apart():
 def test_run_variants_needs_stage_one_first(tmp_path):
     with pytest.raises(ValueError, match="stage 1"):
         record.run_variants("lm", tmp_path / "lm_record.jsonl", settings=FAST)
+
+
+def test_run_variants_takes_loras_rate_from_stage_one_and_writes_its_own_file(tiny_runs, tmp_path,
+                                                                              monkeypatch):
+    from lorabook.results import append_record, open_results, read_results
+
+    main = tmp_path / "lm_record.jsonl"
+    open_results(main, FAST)
+    append_record(main, {"key": "probe", "split": "val", "model": "lm", "method": "lora",
+                         "score": 0.4, "lr": 7e-3})
+    out = tmp_path / "lm_variants_record.jsonl"
+    monkeypatch.setattr(record, "run_one", lambda *a, **k: sweep.run_one(
+        *a, **{**k, "generation": False}))  # the tiny data have no messages to generate from
+    record.run_variants("lm", out, settings=FAST, max_runs=1, lr_from=main)
+    runs = read_results(out)[1]
+    val, test = [r for r in runs if r["split"] == "val"], [r for r in runs if r["split"] is None]
+    assert len(val) == 1 and val[0]["variant"] == "vera"  # the first candidate of stage 1
+    assert len(test) == 1 and test[0]["lr"] == 7e-3 and test[0]["variant"] is None

@@ -19,10 +19,12 @@ appended at once, so the command resumes where it stopped. From a shell::
         --out benchmarks/results/lm_record_gpu.jsonl
 
 Chapter 8's methods after LoRA (DoRA, rsLoRA, LoRA+, PiSSA, VeRA; QLoRA, QPiSSA, LoftQ on the LM)
-go into the same file once stage 1 has chosen LoRA's learning rate there (``run_variants``)::
+go into a file of their own, with LoRA's learning rate as stage 1 chose it in the main file
+(``run_variants``; LoRA itself is re-run there, so each comparison is paired within one file)::
 
     LORABOOK_MODE=record python -m lorabook.record --model lm --stages variants --workers 8 \\
-        --out benchmarks/results/lm_record_gpu.jsonl
+        --lr-from benchmarks/results/lm_record_gpu.jsonl \\
+        --out benchmarks/results/lm_variants_record_gpu.jsonl
 """
 
 from __future__ import annotations
@@ -354,7 +356,8 @@ def variant_specs(model: str, lrs: dict[str, float],
     """The after-LoRA grid of record, seed by seed (chapter 8).
 
     ``lrs``: "lora" (stage 1's choice) and "vera", "loraplus" (``variant_lr_specs``' choices).
-    Both models: LoRA (the main grid's run, same key), alpha / r against rsLoRA at r in 8 and 64,
+    Both models: LoRA (the main grid's run, same key, re-run in this file so that every
+    comparison is paired within it), alpha / r against rsLoRA at r in 8 and 64,
     DoRA, LoRA+, PiSSA, VeRA. The LM also on a 4-bit NF4 base: QLoRA, QPiSSA and LoftQ.
     """
     out = []
@@ -372,15 +375,17 @@ def variant_specs(model: str, lrs: dict[str, float],
 
 def run_variants(model: str, out: Path, workers: int = 1, budget_s: float = float("inf"),
                  settings: RunSettings | None = None, mixed_precision: bool | None = None,
-                 max_runs: int | None = None) -> list[dict]:
-    """Chapter 8's grid into ``out``, after stage 1 chose LoRA's learning rate there (chapter 8)."""
+                 max_runs: int | None = None, lr_from: Path | None = None) -> list[dict]:
+    """Chapter 8's grid into ``out``; LoRA's learning rate as stage 1 chose it in ``lr_from``
+    (default: ``out`` itself), VeRA's and LoRA+'s chosen here on the val split (chapter 8)."""
     settings = settings or get_settings()
     if mixed_precision is None:
         mixed_precision = torch.cuda.is_available()
     deadline = time.time() + budget_s
     out.parent.mkdir(parents=True, exist_ok=True)
-    records = read_results(out)[1] if out.exists() else []
-    lrs = {"lora": choose_lr(records, model, "lora")[0]}  # raises until stage 1 has run
+    source = Path(lr_from) if lr_from is not None else out
+    stage1 = read_results(source)[1] if source.exists() else []
+    lrs = {"lora": choose_lr(stage1, model, "lora")[0]}  # raises until stage 1 has run
     run_parallel(variant_lr_specs(model)[:max_runs], out, workers, deadline, settings,
                  mixed_precision)
     records = read_results(out)[1]
@@ -409,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stages", default="lr,grid", help="lr (learning rates), grid, or both")
     parser.add_argument("--max-runs", type=int, default=None,
                         help="only the first N runs of each stage: a trial, not a record")
+    parser.add_argument("--lr-from", default=None,
+                        help="variants stage: the results file whose stage 1 chose LoRA's "
+                             "learning rate (default: --out)")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="fp32 weights with bf16 autocast (default on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -435,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              [s for s in stages if s != "variants"], args.max_runs)
     if "variants" in stages:
         records = run_variants(args.model, Path(args.out), args.workers, args.budget_s, settings,
-                               args.mixed_precision or None, args.max_runs)
+                               args.mixed_precision or None, args.max_runs,
+                               Path(args.lr_from) if args.lr_from else None)
     print(f"{len(records)} records in {args.out}")
 
 
