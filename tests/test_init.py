@@ -201,3 +201,13 @@ def test_bad_input(tiny_llama):
     quantized = quantize_model(copy.deepcopy(tiny_llama))
     with pytest.raises(TypeError, match="quantize it"):
         apply_lora(quantized, ["q_proj"], r=2, alpha=2, init_lora_weights="pissa")
+
+
+def test_a_pissa_adapter_is_not_loaded_onto_the_original_w0(tiny_llama, tmp_path):
+    from lorabook.adapter_io import read_adapter_config, save_adapter
+
+    model = apply_lora(copy.deepcopy(tiny_llama), ["q_proj"], r=2, alpha=2,
+                       init_lora_weights="pissa")
+    save_adapter(model, tmp_path / "pissa")
+    with pytest.raises(ValueError, match="residual"):
+        read_adapter_config(tmp_path / "pissa")
