@@ -495,3 +495,53 @@ def what_was_learned(records: Records, layer: str = SUBSPACE_LAYER) -> dict:
     delta = f["scaling"] * (f["B"].float() @ f["A"].float())  # (out, in)
     out["amplification"] = amplification(_base_weight(layer), delta, r=8)
     return out
+
+
+# ---------------------------------------------------------------- chapter 8: after LoRA
+
+
+def _variant(variant: str | None, r: int = 8, scaling: str = "rslora", base: str = "float") -> dict:
+    """Fields selecting one configuration of the variants file: LoRA on all linear layers."""
+    return {"method": "lora", "r": 256 if variant == "vera" else r, "targets": "all",
+            "scaling": scaling, "base": base, "variant": variant}
+
+
+_LORA8 = _variant(None)
+_QLORA8 = _variant(None, base="nf4")
+# The authors' claims, each decided by the rule it states: "beats" = "above" (the difference's
+# interval lies above 0 and outside the margin), "matches" = "reaches"
+_VARIANTS_BOTH = (
+    ("DoRA beats LoRA at the same rank (DoRA paper: +1 to +4 points on LLaMA commonsense tasks)",
+     _variant("dora"), _LORA8, "above"),
+    ("rsLoRA: at r = 64, alpha / sqrt(r) beats alpha / r (rsLoRA paper: larger ranks then help)",
+     _variant(None, 64), _variant(None, 64, "lora"), "above"),
+    ("rsLoRA: with alpha / sqrt(r), r = 64 beats r = 8", _variant(None, 64), _LORA8, "above"),
+    ("LoRA+ (B's learning rate 16 x A's) beats LoRA (LoRA+ paper: 1-2 points, up to 2x faster)",
+     _variant("loraplus"), _LORA8, "above"),
+    ("PiSSA beats LoRA (PiSSA paper: higher scores, faster convergence)", _variant("pissa"),
+     _LORA8, "above"),
+    ("VeRA (r = 256, far fewer trainable numbers) reaches LoRA (VeRA paper)", _variant("vera"),
+     _LORA8, "reaches"),
+)
+_VARIANTS_4BIT = (
+    ("QPiSSA (PiSSA on an NF4 base) beats QLoRA (PiSSA paper)", _variant("pissa", base="nf4"),
+     _QLORA8, "above"),
+    ("LoftQ (5 alternations) beats QLoRA (LoftQ paper, at 4 bits)", _variant("loftq", base="nf4"),
+     _QLORA8, "above"),
+)
+VARIANT_CLAIMS = {
+    "lm": tuple(Claim(t, "8", a, b, rule) for t, a, b, rule in _VARIANTS_BOTH + _VARIANTS_4BIT),
+    "encoder": tuple(Claim(f"Encoder: {t}", "8", a, b, rule) for t, a, b, rule in _VARIANTS_BOTH),
+}
+
+
+def variants_record_path(model: str, folder: str | os.PathLike | None = None) -> Path | None:
+    """The after-LoRA results file ``{model}_variants_record[_gpu].jsonl``, or None (chapter 8)."""
+    return record_path(f"{model}_variants", folder)
+
+
+def variants_ledger(folder: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The ledger rows of chapter 8: each variant's claim against LoRA (or QLoRA) as the records
+    decide it; "no records yet" while the variants file is absent (chapter 8)."""
+    files = {m: variants_record_path(m, folder) for m in VARIANT_CLAIMS}
+    return ledger(files, VARIANT_CLAIMS, learned=False)

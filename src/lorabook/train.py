@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lorabook import bench
 from lorabook.config import seed_everything
 from lorabook.data import skip_prompt_logits
+from lorabook.loraplus import create_loraplus_optimizer
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights, bf16 matmuls); None = off
     progress: bool = True  # show a tqdm progress bar
     desc: str = "train"  # progress-bar label
+    loraplus_lr_ratio: float | None = None  # LoRA+ (chapter 8): B's lr = ratio x lr; None = off
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -50,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'paged_adamw', got {self.optimizer!r}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if self.loraplus_lr_ratio is not None and self.optimizer != "adamw":
+            raise ValueError("loraplus_lr_ratio is built for optimizer='adamw'")
 
 
 @dataclass
@@ -195,7 +199,12 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
     if config.gradient_checkpointing:
         _checkpointing(model, True)
 
-    opt = _make_optimizer(params, config, device)
+    if config.loraplus_lr_ratio is not None:  # LoRA+: parameter groups as peft builds them
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=config.lr,
+                                        loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                        loraplus_weight_decay=config.weight_decay)
+    else:
+        opt = _make_optimizer(params, config, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
     stream = batches(items, config.batch_size, config.seed)
     bench.reset_peak_memory(device)
