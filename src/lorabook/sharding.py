@@ -12,10 +12,11 @@ and gathers a layer's weights only while that layer runs. So per process:
 fine-tuning through ``train.train`` and reports what this process holds (tensor bytes, exact) and
 its resident memory (RSS: includes Python, torch and the activations). Its command line is
 
-    accelerate launch --cpu --num_processes 2 [--use_fsdp --fsdp_version 2 ...] \\
-        -m lorabook.sharding --out memory.json
+    torchrun --standalone --nproc_per_node 2 -m lorabook.sharding --out memory.json [--fsdp]
 
-and the chapter runs it in three ways (``commands``).
+on CPU processes (``accelerate launch --cpu`` starts only one), and on GPUs
+``accelerate launch --num_processes 2 [--use_fsdp --fsdp_version 2 ...] -m lorabook.sharding``;
+``command`` writes either, and the chapter runs the CPU one for each of its runs.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def measure(method: str = "full", arch: str = "SmolLM2-135M", layers: int | None
         bench.release_free_memory()  # what the allocator holds free goes back to the system first
         seen["rss"] = bench.current_rss_bytes()
 
-    cfg = TrainConfig(steps=steps, lr=1e-5 if method == "full" else 1e-3, batch_size=batch_size, warmup_steps=1, seed=seed,
-                      progress=False, max_grad_norm=None)
+    cfg = TrainConfig(steps=steps, lr=1e-5 if method == "full" else 1e-3, batch_size=batch_size,
+                      warmup_steps=1, seed=seed, progress=False, max_grad_norm=None)
     hist = train(model, items, cfg, collate, accelerator=acc if world > 1 else None, after_step=count)
     state = seen["state"]
     row = {"method": method, "process": acc.process_index, "processes": world,
@@ -211,7 +212,7 @@ def run_measurements(runs: Sequence[tuple[str, int, bool]], layers: int | None, 
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Command line: measure per-process memory of full fine-tuning, write JSON (chapter 9)."""
+    """Command line: measure per-process memory of fine-tuning, write JSON (chapter 9)."""
     p = argparse.ArgumentParser(prog="python -m lorabook.sharding", description=main.__doc__)
     p.add_argument("--method", choices=METHODS, default="full")
     p.add_argument("--arch", default="SmolLM2-135M", help="a key of lorabook.qlora.ARCHITECTURES")

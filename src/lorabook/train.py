@@ -232,11 +232,19 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
             global_batch = next(stream)
             micro = shard(global_batch, acc.process_index, world, accum)
             whole = collate_fn(global_batch) if world * accum > 1 else None  # counts of the global batch
-            collated = [{k: v.to(device) for k, v in collate_fn(part).items()} for part in micro]
+            parts, weights, counts = [], [], torch.zeros(2, dtype=torch.long)  # tokens, output rows here
+            for part in micro:  # counted on the CPU, before the clock starts: no GPU sync in the step
+                cpu = collate_fn(part)
+                mask, labels = cpu.get("attention_mask"), skip_prompt_logits(plain, cpu).get("labels")
+                tokens = int(mask.sum()) if mask is not None else int(cpu["input_ids"].numel())
+                counts += torch.tensor([tokens, int(labels.numel()) if labels is not None else tokens])
+                if whole is not None:  # this micro-batch's share of the global batch's mean loss
+                    weights.append(loss_weight(loss_items(cpu.get("labels"), len(part)),
+                                               loss_items(whole.get("labels"), len(global_batch)), world))
+                parts.append({k: v.to(device) for k, v in cpu.items()})
             t0 = time.perf_counter()
             step_loss = torch.zeros((), device=device)
-            counts = torch.zeros(2, dtype=torch.long, device=device)  # tokens, output rows of this process
-            for m, (part, batch) in enumerate(zip(micro, collated, strict=True)):
+            for m, batch in enumerate(parts):
                 fed = skip_prompt_logits(plain, batch)  # a causal LM: no output layer on the prompt
                 sync = m + 1 == accum  # all-reduce the gradients once, after the last micro-batch
                 with (contextlib.nullcontext() if sync else acc.no_sync(model)):
@@ -244,16 +252,10 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
                         loss = model(**fed).loss
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
-                    if whole is not None:  # this micro-batch's share of the global batch's mean
-                        loss = loss * loss_weight(loss_items(batch.get("labels"), len(part)),
-                                                  loss_items(whole.get("labels"), len(global_batch)), world)
+                    if weights:
+                        loss = loss * weights[m]
                     acc.backward(loss)
                 step_loss += loss.detach()
-                mask = batch.get("attention_mask")
-                tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-                labels = fed.get("labels")  # (B, positions kept) for a causal LM, (B,) for a classifier
-                counts += torch.tensor([tokens, int(labels.numel()) if labels is not None else tokens],
-                                       device=device)
             if config.max_grad_norm:
                 acc.clip_grad_norm_(params, config.max_grad_norm)
             opt.step()
@@ -262,7 +264,7 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
             sched.step()
             opt.zero_grad(set_to_none=True)
             step_loss = acc.reduce(step_loss, "mean")  # the mean over the whole global batch
-            counts = acc.reduce(counts, "sum")
+            counts = acc.reduce(counts.to(device), "sum")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             hist.step_time_s.append(time.perf_counter() - t0)
@@ -274,7 +276,7 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
             if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 model.eval()
                 with autocast(device, config.autocast):
-                    hist.evals.append({"step": step + 1, **eval_fn(model)})
+                    hist.evals.append({"step": step + 1, **eval_fn(plain)})
                 model.train()
     hist.wall_time_s = time.perf_counter() - t_start
     hist.peak_memory_bytes = bench.peak_memory(device)
