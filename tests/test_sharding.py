@@ -91,3 +91,18 @@ def test_command_names_the_launcher():
     assert sharding.command("full", 2, fsdp=True, launcher="accelerate")[:3] == ["accelerate", "launch", "--use_fsdp"]
     with pytest.raises(ValueError, match="launcher"):
         sharding.command("full", 2, launcher="mpirun")
+
+
+def test_per_gpu_figure_has_a_panel_per_method():
+    import pandas as pd
+
+    from lorabook.viz import sharding_plots
+
+    rows = pd.DataFrame(sharding.budget_table(gpus=(1, 2, 4))).to_dict("records")
+    assert sharding_plots.gpu_counts(rows[0]) == {1: rows[0]["1 GPU"], 2: rows[0]["2 GPUs"], 4: rows[0]["4 GPUs"]}
+    fig = sharding_plots.per_gpu_figure(rows)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["full fine-tuning", "LoRA", "QLoRA (NF4 base)"]
+    assert all(len(ax.get_lines()) == 5 + 2 for ax in fig.axes if ax.get_title())  # 5 models, 2 GPU lines
+    with pytest.raises(ValueError, match="budget_table"):
+        sharding_plots.per_gpu_figure([])
