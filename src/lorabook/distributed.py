@@ -180,6 +180,13 @@ def get_accelerator(fsdp: bool | None = None):
         return Accelerator(cpu=True)
     from accelerate import Accelerator
 
+    if fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(  # what FSDPProcess does on CPUs, through accelerate
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True)
+        return Accelerator(fsdp_plugin=plugin)
     return Accelerator()
 
 
