@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lorabook import config, data, results, sweep
+from lorabook import config, results, sweep
 from lorabook.lora import LoRALinear, lora_layers
 from lorabook.quant import LinearNF4
 from lorabook.sweep import RunSpec
@@ -131,31 +131,7 @@ def test_make_grid_counts_orders_and_validates():
 # ---------------------------------------------------------------- one run, on tiny models
 
 
-def _tiny_encoder_data(tokenizer, settings):
-    g = torch.Generator().manual_seed(0)
-    items = [{"input_ids": torch.randint(1, 128, (10,), generator=g).tolist(),
-              "attention_mask": [1] * 10, "labels": int(i % 2)} for i in range(48)]
-    return {"items": items, "collate": data.collate_encoder,
-            "test_batches": [data.collate_encoder(items[:16]), data.collate_encoder(items[16:24])]}
-
-
-def _tiny_lm_data(tokenizer, settings):
-    g = torch.Generator().manual_seed(0)
-    items = []
-    for _ in range(24):
-        ids = torch.randint(3, 128, (12,), generator=g).tolist()
-        items.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
-    return {"items": items[:16], "test_items": items[16:],
-            "collate": lambda batch: data.collate_causal(batch, 0)}
-
-
-@pytest.fixture
-def tiny_runs(monkeypatch, tiny_bert, tiny_llama):
-    """run_one on the tiny BERT / Llama with random data: the same code path, in milliseconds."""
-    monkeypatch.setattr(sweep, "load_base", lambda spec: (
-        copy.deepcopy(tiny_bert if spec.model == "encoder" else tiny_llama), None))
-    monkeypatch.setattr(sweep, "encoder_data", _tiny_encoder_data)
-    monkeypatch.setattr(sweep, "lm_data", _tiny_lm_data)
+# the tiny_runs fixture (conftest.py) gives run_one tiny models and random data
 
 
 def test_run_one_records_everything_and_rslora_reaches_the_layers(tiny_runs):

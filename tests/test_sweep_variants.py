@@ -3,13 +3,11 @@ record's grid of them is well formed (lorabook.sweep, lorabook.record)."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
-import torch
 
-from lorabook import data, record, sweep
+from lorabook import record, sweep
 from lorabook.config import get_settings
 from lorabook.lora import DoRALinear, LoRALinear, lora_layers
 from lorabook.quant import LinearNF4
@@ -19,31 +17,7 @@ from lorabook.vera import VeRALinear, vera_layers
 FAST = get_settings("fast")
 
 
-def _tiny_lm_data(tokenizer, settings, validation=False):
-    g = torch.Generator().manual_seed(0)
-    items = []
-    for _ in range(24):
-        ids = torch.randint(3, 128, (12,), generator=g).tolist()  # (T,) token ids
-        items.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
-    return {"items": items[:16], "test_items": items[16:],
-            "collate": lambda batch: data.collate_causal(batch, 0)}
-
-
-def _tiny_encoder_data(tokenizer, settings, validation=False):
-    g = torch.Generator().manual_seed(0)
-    items = [{"input_ids": torch.randint(1, 128, (10,), generator=g).tolist(),
-              "attention_mask": [1] * 10, "labels": int(i % 2)} for i in range(32)]
-    return {"items": items, "collate": data.collate_encoder,
-            "test_batches": [data.collate_encoder(items[:16])]}
-
-
-@pytest.fixture
-def tiny_runs(monkeypatch, tiny_bert, tiny_llama):
-    """run_one on the tiny BERT / Llama with random data: the same code path, in milliseconds."""
-    monkeypatch.setattr(sweep, "load_base", lambda spec: (
-        copy.deepcopy(tiny_bert if spec.model == "encoder" else tiny_llama), None))
-    monkeypatch.setattr(sweep, "encoder_data", _tiny_encoder_data)
-    monkeypatch.setattr(sweep, "lm_data", _tiny_lm_data)
+# tiny_runs (conftest.py): run_one on tiny models with random data
 
 
 LAYER = {None: LoRALinear, "dora": DoRALinear, "pissa": LoRALinear, "loftq": LoRALinear,
