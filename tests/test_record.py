@@ -124,3 +124,41 @@ def test_the_command_refuses_a_setting_other_than_record(tmp_path, monkeypatch):
         record.main(["--model", "lm", "--out", str(tmp_path / "x.jsonl")])
     assert not (tmp_path / "x.jsonl").exists()
     json.dumps({})  # (json imported for the fake records' sake)
+
+
+def test_qlora_grid_covers_every_base_rank_and_attention_only_seeds_first():
+    specs = record.qlora_grid_specs(2e-3)
+    assert len({s.key() for s in specs}) == len(specs)
+    seeds = [s.seed for s in specs]
+    assert set(seeds[:seeds.index(3)]) == {0, 1, 2}
+    for seed in range(5):
+        of_seed = {(s.base, s.r, s.targets, s.dense_base) for s in specs if s.seed == seed}
+        for base in record.QLORA_BASES:
+            dense = None if base == "float" else True
+            assert all((base, r, "all", dense) in of_seed for r in record.QLORA_RANKS)
+        assert ("nf4", 8, "attn", True) in of_seed and ("float", 8, "attn", None) in of_seed
+    true_4bit = [s for s in specs if s.base != "float" and s.dense_base is None]
+    assert {(s.base, s.r, s.seed) for s in true_4bit} == {(b, 8, 0) for b in ("nf4", "fp4", "int4")}
+    assert {s.lr for s in specs} == {2e-3} and {s.scaling for s in specs} == {"rslora"}
+
+
+def test_run_record_qlora_grid_chooses_loras_lr_first(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(record, "run_one", _fake_run_one(calls))
+    out = tmp_path / "qlora_record.jsonl"
+    recs = record.run_record("lm", out, settings=FAST, mixed_precision=False, grid="qlora",
+                             max_runs=3)
+    val = [r for r in recs if r["split"] == "val"]
+    assert len(val) == 3 and {r["method"] for r in val} == {"lora"}  # LoRA's candidates only
+    grid = [r for r in recs if r["split"] is None]
+    assert len(grid) == 3 and {r["lr"] for r in grid} == {record.LR_CANDIDATES[("lm", "lora")][0]}
+    with pytest.raises(ValueError, match="the LM's"):
+        record.run_record("encoder", out, settings=FAST, grid="qlora")
+
+
+def test_the_command_runs_the_qlora_grid(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(record, "run_record", lambda *a: seen.setdefault("args", a) and [])
+    monkeypatch.setenv("LORABOOK_RECORD_ANY_MODE", "1")
+    record.main(["--model", "lm", "--grid", "qlora", "--out", str(tmp_path / "q.jsonl")])
+    assert seen["args"][-1] == "qlora"

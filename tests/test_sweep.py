@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from lorabook import config, data, results, sweep
+from lorabook import config, results, sweep
 from lorabook.lora import LoRALinear, lora_layers
 from lorabook.quant import LinearNF4
 from lorabook.sweep import RunSpec
@@ -131,31 +131,7 @@ def test_make_grid_counts_orders_and_validates():
 # ---------------------------------------------------------------- one run, on tiny models
 
 
-def _tiny_encoder_data(tokenizer, settings):
-    g = torch.Generator().manual_seed(0)
-    items = [{"input_ids": torch.randint(1, 128, (10,), generator=g).tolist(),
-              "attention_mask": [1] * 10, "labels": int(i % 2)} for i in range(48)]
-    return {"items": items, "collate": data.collate_encoder,
-            "test_batches": [data.collate_encoder(items[:16]), data.collate_encoder(items[16:24])]}
-
-
-def _tiny_lm_data(tokenizer, settings):
-    g = torch.Generator().manual_seed(0)
-    items = []
-    for _ in range(24):
-        ids = torch.randint(3, 128, (12,), generator=g).tolist()
-        items.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
-    return {"items": items[:16], "test_items": items[16:],
-            "collate": lambda batch: data.collate_causal(batch, 0)}
-
-
-@pytest.fixture
-def tiny_runs(monkeypatch, tiny_bert, tiny_llama):
-    """run_one on the tiny BERT / Llama with random data: the same code path, in milliseconds."""
-    monkeypatch.setattr(sweep, "load_base", lambda spec: (
-        copy.deepcopy(tiny_bert if spec.model == "encoder" else tiny_llama), None))
-    monkeypatch.setattr(sweep, "encoder_data", _tiny_encoder_data)
-    monkeypatch.setattr(sweep, "lm_data", _tiny_lm_data)
+# the tiny_runs fixture (conftest.py) gives run_one tiny models and random data
 
 
 def test_run_one_records_everything_and_rslora_reaches_the_layers(tiny_runs):
@@ -391,3 +367,39 @@ def test_validation_split_never_uses_test_templates():
     assert not ids(split["train"]) & ids(split["test"])  # val templates unseen in fit
     assert not (ids(split["train"]) | ids(split["test"])) & ids(test)  # and never the test's
     assert {int(t.split("/")[1]) % 4 for t in ids(split["test"])} == {2}
+
+
+def test_dense_q_w0_trains_bit_identically_to_the_4bit_path(tiny_runs):
+    """The QLoRA quality runs of record hold Q(W0) dense: same loss and gradients, fp32, bit for bit."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 12))
+    out = {}
+    for dense in (None, True):
+        spec = RunSpec("lm", "lora", 2, "all", "rslora", base="nf4", dense_base=dense).resolved(FAST)
+        model, _ = sweep.load_base(spec)
+        model = sweep.prepare_model(model, spec)
+        with torch.no_grad():  # B != 0, so that the adapters change the function
+            for i, (_, layer) in enumerate(lora_layers(model)):
+                layer.B.copy_(0.05 * torch.randn(layer.B.shape, generator=torch.Generator().manual_seed(i)))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        out[dense] = (loss.detach(), {n: (m.A.grad, m.B.grad) for n, m in lora_layers(model)},
+                      model)
+    (loss4, grads4, m4), (lossd, gradsd, md) = out[None], out[True]
+    assert all(isinstance(m.base_layer, LinearNF4) for _, m in lora_layers(m4))
+    assert not any(isinstance(m, LinearNF4) for m in md.modules())  # no 4-bit layer left
+    assert torch.equal(loss4, lossd)
+    for name, (gA, gB) in grads4.items():
+        assert torch.equal(gA, gradsd[name][0]) and torch.equal(gB, gradsd[name][1]), name
+
+
+def test_a_tiny_qlora_record_spec_runs(tiny_runs):
+    spec = RunSpec("lm", "lora", 2, "attn", "rslora", base="fp4", dense_base=True, lr=1e-2, steps=2)
+    record = sweep.run_one(spec, FAST)
+    assert record["dense_base"] is True and record["base"] == "fp4"
+    assert record["key"].endswith("dense_base=True") and "dense Q(W0)" in record["label"]
+    assert math.isfinite(record["final_loss"]) and len(record["per_example"]) == 8
+    with pytest.raises(ValueError, match="needs base"):
+        RunSpec("lm", "lora", 2, "all", dense_base=True)
+    with pytest.raises(ValueError, match="dense_base must be"):
+        RunSpec("lm", "lora", 2, "all", base="nf4", dense_base=False)

@@ -22,6 +22,7 @@ from torch import nn
 
 from lorabook.lora import (
     _CONFIG_ATTR,
+    DoRALinear,
     LoRAConfig,
     _adapter_parameters,
     _apply,
@@ -37,7 +38,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older peft versions
 
 # peft options this from-scratch LoRA does not implement: a config setting any of them is refused
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "bias": "none",
+_UNSUPPORTED = {"lora_bias": False, "fan_in_fan_out": False, "bias": "none",
                 "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
                 "layers_pattern": None, "exclude_modules": None, "target_parameters": None,
                 "layer_replication": None, "trainable_token_indices": None}
@@ -48,16 +49,18 @@ def _config_of(model: nn.Module) -> LoRAConfig:
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("this model has no LoRA layers; call apply_lora first")
-    settings = {(layer.r, layer.alpha, layer.use_rslora) for _, layer in layers}
+    settings = {(layer.r, layer.alpha, layer.use_rslora, isinstance(layer, DoRALinear))
+                for _, layer in layers}
     if len(settings) != 1:
-        raise ValueError(f"peft's format needs one r, alpha and use_rslora for every layer, "
-                         f"found {sorted(settings)}")
-    r, alpha, use_rslora = settings.pop()
+        raise ValueError(f"peft's format needs one r, alpha, use_rslora and use_dora for every "
+                         f"layer, found {sorted(settings)}")
+    r, alpha, use_rslora, use_dora = settings.pop()
     config = get_lora_config(model)
     if config is None:  # LoRALinear layers placed by hand: list them by full name
-        config = LoRAConfig(r=r, alpha=alpha, use_rslora=use_rslora,
+        config = LoRAConfig(r=r, alpha=alpha, use_rslora=use_rslora, use_dora=use_dora,
                             target_modules=sorted(name for name, _ in layers))
-    if (config.r, config.alpha, config.use_rslora) != (r, alpha, use_rslora):
+    if (config.r, config.alpha, config.use_rslora, config.use_dora) != (r, alpha, use_rslora,
+                                                                        use_dora):
         raise ValueError("the model's LoRA layers no longer agree with its recorded LoRAConfig")
     return config
 
@@ -82,7 +85,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fa
         "peft_type": "LORA", "task_type": task_type, "r": config.r, "lora_alpha": alpha,
         "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "modules_to_save": config.modules_to_save, "init_lora_weights": True,
+        "modules_to_save": config.modules_to_save, "use_dora": config.use_dora,
+        "init_lora_weights": config.init_lora_weights, "loftq_config": config.loftq_config or {},
         "inference_mode": True, "base_model_name_or_path": base_model_name_or_path or None,
         "revision": None, **_UNSUPPORTED,
     }
@@ -107,6 +111,12 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
         if value is not None and value != default and key != "layers_pattern":
             raise ValueError(f"{file} sets {key}={value!r}, which lorabook's LoRA does not "
                              f"implement (expected {default!r})")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(("pissa", "loftq")):
+        raise ValueError(f"{file} is a {init!r} adapter: it was trained on a base whose W0 was "
+                         "replaced by a residual, so it does not apply to the original W0; "
+                         "convert it to a plain LoRA (B' A' = B A - B0 A0, peft's "
+                         "path_initial_model_for_weight_conversion) or rebuild that base")
     targets = raw.get("target_modules")
     if targets is None:
         raise ValueError(f"{file} has no target_modules")
@@ -114,7 +124,8 @@ def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
                       dropout=float(raw.get("lora_dropout", 0.0)),
                       use_rslora=bool(raw.get("use_rslora", False)),
                       target_modules=targets if isinstance(targets, str) else sorted(targets),
-                      modules_to_save=raw.get("modules_to_save"))
+                      modules_to_save=raw.get("modules_to_save"),
+                      use_dora=bool(raw.get("use_dora", False)))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -151,6 +162,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         _apply(model, config, strict=False)  # peft semantics: only "nothing matched" is an error
+    elif any(isinstance(layer, DoRALinear) != config.use_dora for layer in layers):
+        raise ValueError(f"{path} holds a {'DoRA' if config.use_dora else 'LoRA'} adapter but "
+                         f"the model's layers are {'LoRA' if config.use_dora else 'DoRA'}")
     elif any(layer.merged for layer in layers):
         raise RuntimeError("the model's LoRA layers are merged; unmerge_lora first "
                            "(or use swap_adapter)")

@@ -1,6 +1,7 @@
 """The evidence path: records -> statistics -> verdicts -> the claims ledger (chapter 4, ledger page).
 
-- **Records**: the results files of ``lorabook.record`` (``benchmarks/results/{model}_record*.jsonl``);
+- **Records**: the results files of ``lorabook.record`` (``benchmarks/results/{model}_record*.jsonl``,
+  the QLoRA grid in ``qlora_record*.jsonl``);
   every test run keeps each test example's 1/0 score (``per_example``).
 - **Statistics**: a configuration's score is the mean over its seeds and the test examples; its
   95% interval comes from a bootstrap that resamples seeds *and* examples. A difference between two
@@ -248,6 +249,27 @@ ENCODER_CLAIMS = (
     Claim("Encoder: LoRA r = 1 on W_q, W_v reaches full fine-tuning", "4", _lora(1, "qv"), FULL),
     Claim("Encoder: LoRA r = 64 on all layers reaches full fine-tuning", "4", _lora(64, "all"), FULL),
 )
+FORMAT_NAMES = {"nf4": "NF4 + DQ", "fp4": "FP4", "int4": "Int4"}
+
+
+def _q(r: int, targets: str, base: str) -> dict:
+    """A QLoRA quality run of record: LoRA over the de-quantized 4-bit base (record.qlora_grid_specs)."""
+    return {**_lora(r, targets), "base": base, "dense_base": True}
+
+
+def _f(r: int, targets: str) -> dict:
+    """16-bit LoRA of the QLoRA grid: the same adapter over the float base."""
+    return {**_lora(r, targets), "base": "float"}
+
+
+QLORA_CLAIMS = (  # the QLoRA grid's file, qlora_record*.jsonl (record.qlora_grid_specs)
+    *(Claim(f"QLoRA, base in {FORMAT_NAMES[f]} (r = 8, all linear layers), matches 16-bit LoRA",
+            "6" if f == "nf4" else "7", _q(8, "all", f), _f(8, "all")) for f in FORMAT_NAMES),
+    *(Claim(f"QLoRA, base in NF4 + DQ, matches 16-bit LoRA at r = {r}", "7",
+            _q(r, "all", "nf4"), _f(r, "all")) for r in (2, 64)),
+    Claim("With a 4-bit base, all linear layers beat attention only at r = 8 (QLoRA, section 4)",
+          "6", _q(8, "all", "nf4"), _q(8, "attn", "nf4"), rule="above"),
+)
 
 
 def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
@@ -269,10 +291,10 @@ def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
 def ledger(files: dict[str, str | os.PathLike | None] | None = None,
            claims: dict[str, Sequence[Claim]] | None = None, learned: bool = True) -> pd.DataFrame:
     """The claims ledger: each claim, A and B's scores, the difference with its 95% interval,
-    the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder" to
-    a results file (default: ``record_path``). ``learned`` adds the rows of
+    the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder"/"qlora"
+    to a results file (default: ``record_path``; "qlora" is the LM's QLoRA grid). ``learned`` adds the rows of
     ``what_was_learned`` (Table 7, Figure 3) when the adapters' factors are stored."""
-    claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS}
+    claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS, "qlora": QLORA_CLAIMS}
     files = files if files is not None else {m: record_path(m) for m in claims}
     rows = []
     for model, model_claims in claims.items():
@@ -473,3 +495,53 @@ def what_was_learned(records: Records, layer: str = SUBSPACE_LAYER) -> dict:
     delta = f["scaling"] * (f["B"].float() @ f["A"].float())  # (out, in)
     out["amplification"] = amplification(_base_weight(layer), delta, r=8)
     return out
+
+
+# ---------------------------------------------------------------- chapter 8: after LoRA
+
+
+def _variant(variant: str | None, r: int = 8, scaling: str = "rslora", base: str = "float") -> dict:
+    """Fields selecting one configuration of the variants file: LoRA on all linear layers."""
+    return {"method": "lora", "r": 256 if variant == "vera" else r, "targets": "all",
+            "scaling": scaling, "base": base, "variant": variant}
+
+
+_LORA8 = _variant(None)
+_QLORA8 = _variant(None, base="nf4")
+# The authors' claims, each decided by the rule it states: "beats" = "above" (the difference's
+# interval lies above 0 and outside the margin), "matches" = "reaches"
+_VARIANTS_BOTH = (
+    ("DoRA beats LoRA at the same rank (DoRA paper: +1 to +4 points on LLaMA commonsense tasks)",
+     _variant("dora"), _LORA8, "above"),
+    ("rsLoRA: at r = 64, alpha / sqrt(r) beats alpha / r (rsLoRA paper: larger ranks then help)",
+     _variant(None, 64), _variant(None, 64, "lora"), "above"),
+    ("rsLoRA: with alpha / sqrt(r), r = 64 beats r = 8", _variant(None, 64), _LORA8, "above"),
+    ("LoRA+ (B's learning rate 16 x A's) beats LoRA (LoRA+ paper: 1-2 points, up to 2x faster)",
+     _variant("loraplus"), _LORA8, "above"),
+    ("PiSSA beats LoRA (PiSSA paper: higher scores, faster convergence)", _variant("pissa"),
+     _LORA8, "above"),
+    ("VeRA (r = 256, far fewer trainable numbers) reaches LoRA (VeRA paper)", _variant("vera"),
+     _LORA8, "reaches"),
+)
+_VARIANTS_4BIT = (
+    ("QPiSSA (PiSSA on an NF4 base) beats QLoRA (PiSSA paper)", _variant("pissa", base="nf4"),
+     _QLORA8, "above"),
+    ("LoftQ (5 alternations) beats QLoRA (LoftQ paper, at 4 bits)", _variant("loftq", base="nf4"),
+     _QLORA8, "above"),
+)
+VARIANT_CLAIMS = {
+    "lm": tuple(Claim(t, "8", a, b, rule) for t, a, b, rule in _VARIANTS_BOTH + _VARIANTS_4BIT),
+    "encoder": tuple(Claim(f"Encoder: {t}", "8", a, b, rule) for t, a, b, rule in _VARIANTS_BOTH),
+}
+
+
+def variants_record_path(model: str, folder: str | os.PathLike | None = None) -> Path | None:
+    """The after-LoRA results file ``{model}_variants_record[_gpu].jsonl``, or None (chapter 8)."""
+    return record_path(f"{model}_variants", folder)
+
+
+def variants_ledger(folder: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The ledger rows of chapter 8: each variant's claim against LoRA (or QLoRA) as the records
+    decide it; "no records yet" while the variants file is absent (chapter 8)."""
+    files = {m: variants_record_path(m, folder) for m in VARIANT_CLAIMS}
+    return ledger(files, VARIANT_CLAIMS, learned=False)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorabook.init import INIT_CHOICES, LOFTQ_DEFAULTS, loftq_factors, pissa_factors
+
 _CONFIG_ATTR = "_lorabook_lora_config"  # where apply_lora records its settings on the model
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer except the output head
 
@@ -35,6 +37,9 @@ class LoRAConfig:
     use_rslora: bool = False  # scaling alpha / sqrt(r) (rsLoRA) instead of alpha / r
     target_modules: str | list[str] = field(default_factory=list)  # regex str, or name suffixes
     modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter
+    use_dora: bool = False  # DoRA: magnitude and direction (DoRALinear), chapter 8
+    init_lora_weights: bool | str = True  # True (B = 0), "pissa" or "loftq" (lorabook.init)
+    loftq_config: dict | None = None  # {"loftq_bits": 4, "loftq_iter": T} with "loftq"
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -160,6 +165,80 @@ class LoRALinear(WrapsLinear):
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
+class DoRALinear(LoRALinear):
+    """DoRA: W' = m * V / ||V||_c with direction V = W0 + scaling B A (chapter 8).
+
+    m (out,) is a trainable magnitude per output row, initialised to the row norms of W0 + scaling
+    B A (peft's ``lora_magnitude_vector``); the norm ||V||_c is detached in the backward pass, as
+    the DoRA paper (section 4.3) and peft do. Forward adds to base(x) the correction
+    (m / ||V|| - 1) * W0 x + (m / ||V||) * scaling B A x, so W0 is never copied. A quantized base
+    trains (W0 dequantized for the norm) but, as for LoRA, cannot be merged into.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        super().__init__(base, r, alpha, dropout, use_rslora)
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=self.A.dtype,
+                                                  device=self.A.device))  # (out,)
+        self._merge_norm: torch.Tensor | None = None  # ||V||_c at merge time, for unmerge
+        self.reset_magnitude()
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 as a dense (out, in) tensor: the base's weight, or its dequantized weight."""
+        dequantize = getattr(self.base_layer, "dequantized_weight", None)
+        weight = dequantize(self.A.dtype) if callable(dequantize) else self.base_layer.weight
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.out_features,
+                                                                           self.in_features):
+            raise TypeError(f"DoRA needs W0 of shape ({self.out_features}, {self.in_features}) "
+                            f"from a {type(self.base_layer).__name__} base")
+        return weight
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + scaling B A|| per output row, shape (out,), detached (chapter 8)."""
+        with torch.no_grad():
+            W0 = self.dense_weight().to(self.A.dtype)
+            return torch.linalg.norm(W0 + self.delta_weight(), dim=1)  # (out,)
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m <- ||W0 + scaling B A||_c, so that W' = W0 + scaling B A at this point (chapter 8)."""
+        self.magnitude.copy_(self.weight_norm())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out) = W0 x + b
+        if self.merged:
+            return result
+        x = x.to(self.A.dtype)
+        W0 = self.dense_weight().to(x.dtype)  # (out, in)
+        scale = self.magnitude / self.weight_norm()  # (out,) m / ||V||_c, norm detached
+        xd = self.dropout(x)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.bias
+            base = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)  # W0 x
+        else:
+            base = F.linear(xd, W0)  # W0 applied to the dropped-out input, as in peft
+        lora = F.linear(F.linear(xd, self.A), self.B) * self.scaling  # (..., out)
+        return (result + (scale - 1) * base + scale * lora).to(result.dtype)
+
+    def _add_to_weight(self, sign: float) -> None:
+        weight = self._base_weight()
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        with torch.no_grad():
+            delta = self.delta_weight().to(weight.device, dtype)
+            if sign > 0:  # W' = (m / ||W0 + dW||) (W0 + dW), the norm kept for unmerge
+                self._merge_norm = torch.linalg.norm(weight.to(dtype) + delta, dim=1)
+                factor = (self.magnitude.to(dtype) / self._merge_norm)[:, None]  # (out, 1)
+                new = factor * (weight.to(dtype) + delta)
+            else:  # W0 = W' / factor - dW
+                factor = (self.magnitude.to(dtype) / self._merge_norm)[:, None]
+                new = weight.to(dtype) / factor - delta
+                self._merge_norm = None
+            weight.copy_(new.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+
 def _name_matches(name: str, targets: str | Sequence[str]) -> bool:
     """peft's rule: a str is a regex full-matched on the name; a list matches equal or suffix."""
     if isinstance(targets, str):
@@ -218,6 +297,55 @@ def get_lora_config(model: nn.Module) -> LoRAConfig | None:
     return getattr(model, _CONFIG_ATTR, None)
 
 
+def _check_init(config: LoRAConfig) -> None:
+    """init_lora_weights and loftq_config as peft accepts them, for the choices built here."""
+    init = config.init_lora_weights
+    if not (init is True or isinstance(init, str) and init in INIT_CHOICES):
+        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, "
+                         f"got {config.init_lora_weights!r}")
+    if config.init_lora_weights == "loftq":
+        if not config.loftq_config:
+            raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. "
+                             "{'loftq_bits': 4, 'loftq_iter': 1}")
+        unknown = set(config.loftq_config) - set(LOFTQ_DEFAULTS)
+        if unknown:
+            raise ValueError(f"loftq_config has unknown keys {sorted(unknown)}; "
+                             f"expected {sorted(LOFTQ_DEFAULTS)}")
+        config.loftq_config = {**LOFTQ_DEFAULTS, **config.loftq_config}
+    elif config.loftq_config:
+        raise ValueError("loftq_config is given but init_lora_weights is not 'loftq'")
+
+
+def _check_svd_init(name: str, base: nn.Module, config: LoRAConfig) -> None:
+    weight = getattr(base, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            and isinstance(base, nn.Linear)):
+        raise TypeError(f"{name}: init_lora_weights={config.init_lora_weights!r} rewrites W0 "
+                        f"(to its residual), which needs an nn.Linear with a float weight, got a "
+                        f"{type(base).__name__}; initialise the float model, then quantize it")
+    if config.r > min(weight.shape):
+        raise ValueError(f"{name}: r = {config.r} is above min(out, in) = {min(weight.shape)} "
+                         f"for its weight of shape {tuple(weight.shape)}")
+
+
+@torch.no_grad()
+def _initialise(layer: LoRALinear, config: LoRAConfig) -> None:
+    """PiSSA or LoftQ: set A, B and replace W0 by the residual / its quantization (chapter 8)."""
+    if config.init_lora_weights == "pissa":
+        A, B, W = pissa_factors(layer.base_layer.weight, layer.r, layer.scaling)
+    elif config.init_lora_weights == "loftq":
+        A, B, W, _ = loftq_factors(layer.base_layer.weight, layer.r, layer.scaling,
+                                   num_iter=config.loftq_config["loftq_iter"],
+                                   num_bits=config.loftq_config["loftq_bits"])
+    else:
+        return
+    layer.A.copy_(A)
+    layer.B.copy_(B)
+    layer.base_layer.weight.copy_(W)
+    if isinstance(layer, DoRALinear):  # peft's order: the init, then DoRA's magnitude
+        layer.reset_magnitude()
+
+
 def _apply(model: nn.Module, config: LoRAConfig, strict: bool) -> nn.Module:
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA layers; use load_adapter or swap_adapter "
@@ -227,15 +355,24 @@ def _apply(model: nn.Module, config: LoRAConfig, strict: bool) -> nn.Module:
     if config.modules_to_save and not saved:
         raise ValueError(f"modules_to_save {config.modules_to_save!r} matched no module")
     names = _resolve_targets(model, config.target_modules, config.modules_to_save, strict)
+    _check_init(config)
     # build every layer first so a bad r/alpha/dropout raises before the model is touched
-    wrapped = {n: LoRALinear(model.get_submodule(n), config.r, config.alpha, config.dropout,
-                             config.use_rslora) for n in names}
+    layer_cls = DoRALinear if config.use_dora else LoRALinear
+    if config.init_lora_weights is not True:
+        for n in names:  # PiSSA and LoftQ need the float W0 and r <= min(out, in): check first
+            _check_svd_init(n, model.get_submodule(n), config)
+    wrapped = {n: layer_cls(model.get_submodule(n), config.r, config.alpha, config.dropout,
+                            config.use_rslora) for n in names}
+    for layer in wrapped.values():
+        _initialise(layer, config)
     model.requires_grad_(False)  # freeze everything, then open A, B and modules_to_save
     for name, layer in wrapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         layer.A.requires_grad_(True)
         layer.B.requires_grad_(True)
+        if isinstance(layer, DoRALinear):
+            layer.magnitude.requires_grad_(True)
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
@@ -246,18 +383,25 @@ def _apply(model: nn.Module, config: LoRAConfig, strict: bool) -> nn.Module:
 
 def apply_lora(model: nn.Module, target_modules: str | Sequence[str], r: int, alpha: float,
                dropout: float = 0.0, use_rslora: bool = False,
-               modules_to_save: Sequence[str] | None = None) -> nn.Module:
+               modules_to_save: Sequence[str] | None = None, use_dora: bool = False,
+               init_lora_weights: bool | str = True,
+               loftq_config: dict | None = None) -> nn.Module:
     """Wrap the target linear layers in LoRALinear, freeze the rest, return the model (chapter 2).
 
     Names are matched as peft matches them: a str is a regex full-matched on each module name
     ("all-linear" means every linear layer but the output head); a list matches names equal to
     an entry or ending with "." + entry, and here every entry must match something.
     ``modules_to_save`` (e.g. ["classifier"]) stay fully trainable and are saved with the adapter.
+    Chapter 8's variants keep peft's names: ``use_dora=True`` (DoRALinear),
+    ``init_lora_weights="pissa"`` or ``"loftq"`` with ``loftq_config={"loftq_bits": 4,
+    "loftq_iter": T}`` (W0 replaced by the residual, resp. its NF4 round trip: see lorabook.init).
     """
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                         target_modules=targets,
-                        modules_to_save=list(modules_to_save) if modules_to_save else None)
+                        modules_to_save=list(modules_to_save) if modules_to_save else None,
+                        use_dora=bool(use_dora), init_lora_weights=init_lora_weights,
+                        loftq_config=dict(loftq_config) if loftq_config else None)
     return _apply(model, config, strict=True)
 
 
@@ -297,6 +441,8 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     for name, layer in lora_layers(model):
         params[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.A
         params[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.B
+        if isinstance(layer, DoRALinear):
+            params[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude  # peft's key
     config = get_lora_config(model)
     if config is not None and config.modules_to_save:
         for name, module in model.named_modules():

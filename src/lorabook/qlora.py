@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorabook.bnb_cpu import keep_canonical
 from lorabook.data import skip_prompt_logits
 from lorabook.lora import LoRALinear, apply_lora
 from lorabook.quant import QUANT_TYPES, LinearNF4, dense_weights, quantize_model
@@ -185,11 +186,14 @@ def bnb_config(compute_dtype: torch.dtype = torch.float32):
 
 def bnb_quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
                        skip: tuple[str, ...] = ("lm_head",),
-                       compute_dtype: torch.dtype | None = None) -> nn.Module:
+                       compute_dtype: torch.dtype | None = None,
+                       cpu_repacking: bool = False) -> nn.Module:
     """Swap nn.Linear layers for bitsandbytes' Linear4bit (NF4) by hand, in place (chapter 6).
 
     What ``from_pretrained(..., quantization_config=bnb_config())`` does, without transformers:
-    ``Params4bit`` quantizes its data when it is moved to a device.
+    ``Params4bit`` quantizes its data when it is moved to a device. ``cpu_repacking=False``
+    switches off bitsandbytes' in-place CPU inference repacking (``bnb_cpu``: bf16 compute, no
+    autograd, a layout ``dequantize_4bit`` misreads), so the layers compute what they store.
     """
     import bitsandbytes as bnb
 
@@ -207,17 +211,22 @@ def bnb_quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         _swap(model, name, layer.to(device))  # the move runs the quantization
+    if not cpu_repacking and names:
+        keep_canonical(model)
     model.is_loaded_in_4bit = True  # as transformers sets it: peft then wraps with 4-bit LoRA
     return model
 
 
 def load_bnb_4bit(path, compute_dtype: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> tuple[nn.Module, str]:
+                  device: torch.device | str | None = None,
+                  cpu_repacking: bool = False) -> tuple[nn.Module, str]:
     """(model, how): the causal LM at ``path`` with NF4 linear layers from bitsandbytes (chapter 6).
 
     First through transformers' ``quantization_config``; if that refuses (e.g. no CUDA in an
     older version), the layers are swapped by hand with ``bnb_quantize_model``; ``how`` says
-    which, with the reason.
+    which, with the reason. ``cpu_repacking=False`` (the default) switches off bitsandbytes'
+    in-place CPU inference repacking (``bnb_cpu.keep_canonical``); ``True`` leaves the library
+    as it ships, for the reproduction of its defect.
     """
     from transformers import AutoModelForCausalLM
 
@@ -229,8 +238,11 @@ def load_bnb_4bit(path, compute_dtype: torch.dtype = torch.float32,
         how = "transformers: from_pretrained(quantization_config=BitsAndBytesConfig(...))"
     except (ImportError, ValueError, RuntimeError, NotImplementedError, TypeError) as e:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype).to(device)
-        bnb_quantize_model(model, compute_dtype=compute_dtype)
+        bnb_quantize_model(model, compute_dtype=compute_dtype, cpu_repacking=True)
         how = f"by hand (transformers refused: {type(e).__name__}: {e})"
+    if not cpu_repacking:
+        keep_canonical(model)
+        how += "; bitsandbytes' CPU repacking switched off (bnb_cpu.keep_canonical)"
     return model.eval(), how
 
 

@@ -17,6 +17,19 @@ appended at once, so the command resumes where it stopped. From a shell::
 
     LORABOOK_MODE=record python -m lorabook.record --model lm --workers 8 \\
         --out benchmarks/results/lm_record_gpu.jsonl
+
+The QLoRA grid of record (chapters 6 and 7; on a GPU name the file ``qlora_record_gpu.jsonl``)::
+
+    LORABOOK_MODE=record python -m lorabook.record --model lm --grid qlora --workers 8 \\
+        --out benchmarks/results/qlora_record.jsonl
+
+Chapter 8's methods after LoRA (DoRA, rsLoRA, LoRA+, PiSSA, VeRA; QLoRA, QPiSSA, LoftQ on the LM)
+go into a file of their own, with LoRA's learning rate as stage 1 chose it in the main file
+(``run_variants``; LoRA itself is re-run there, so each comparison is paired within one file)::
+
+    LORABOOK_MODE=record python -m lorabook.record --model lm --stages variants --workers 8 \\
+        --lr-from benchmarks/results/lm_record_gpu.jsonl \\
+        --out benchmarks/results/lm_variants_record_gpu.jsonl
 """
 
 from __future__ import annotations
@@ -86,16 +99,18 @@ def lr_specs(model: str) -> list[RunSpec]:
     return specs
 
 
-def choose_lr(records: Sequence[dict], model: str, method: str) -> tuple[float, list[str]]:
+def choose_lr(records: Sequence[dict], model: str, method: str,
+              variant: str | None = None) -> tuple[float, list[str]]:
     """(learning rate, keys of the runs it was chosen from): best val score, then lower val loss (chapter 4).
 
     Reads the stage-1 records (``split == "val"``) of ``model`` and ``method``; a diverged run
     (no record) simply does not compete. ValueError when there is none.
     """
     runs = [r for r in records if r.get("split") == "val" and r.get("model") == model
-            and r.get("method") == method]
+            and r.get("method") == method and r.get("variant") == variant]
     if not runs:
-        raise ValueError(f"no validation runs of {model}/{method} among the records: run stage 1 "
+        what = f"{model}/{method}" + (f"/{variant}" if variant else "")
+        raise ValueError(f"no validation runs of {what} among the records: run stage 1 "
                          "(the learning-rate candidates) first")
     best = max(runs, key=lambda r: (r["score"], -(r.get("loss") or 0.0), -r["lr"]))
     return float(best["lr"]), [r["key"] for r in runs]
@@ -133,9 +148,41 @@ def grid_specs(model: str, lrs: dict[str, float],
     return out
 
 
+# The QLoRA grid of record (chapters 6 and 7): LoRA on the LM over each storage of W0, all linear
+# layers at three ranks, and attention only at r = 8 (QLoRA's section 4: attention alone falls
+# short). Quality runs hold the de-quantized Q(W0) as a dense frozen weight (``dense_base``: the
+# same function, bit for bit in fp32, at LoRA's cost); seed 0 of each 4-bit base at r = 8 also
+# trains on the codes themselves, for memory and time per step side by side.
+QLORA_BASES = ("float", "nf4", "fp4", "int4")
+QLORA_RANKS = (2, 8, 64)
+QLORA_ATTENTION = ("float", "nf4")  # attention-only at r = 8, on these bases
+
+
+def qlora_grid_specs(lr: float, seeds: tuple[Sequence[int], ...] = (FIRST_SEEDS, MORE_SEEDS)
+                     ) -> list[RunSpec]:
+    """The QLoRA grid of record, in order of priority, seeds 0-2 first (chapters 6, 7).
+
+    ``lr`` is LoRA's learning rate, chosen on the validation split as for the main grid (the
+    QLoRA paper keeps 16-bit LoRA's hyperparameters). rsLoRA scaling, as the main grid.
+    """
+    def lora(r: int, targets: str, base: str, seed: int, dense: bool = True) -> RunSpec:
+        return RunSpec("lm", "lora", r, targets, "rslora", base=base, seed=seed, lr=lr,
+                       dense_base=True if dense and base != "float" else None)
+
+    out: list[RunSpec] = []
+    for group in seeds:
+        for seed in group:
+            out += [lora(r, "all", base, seed) for r in QLORA_RANKS for base in QLORA_BASES]
+            out += [lora(8, "attn", base, seed) for base in QLORA_ATTENTION]
+            if seed == 0:  # the true 4-bit path: memory and time per step
+                out += [lora(8, "all", base, 0, dense=False) for base in QLORA_BASES[1:]]
+    return out
+
+
 def keeps_factors(spec: RunSpec) -> bool:
     """Whether a run's A, B are kept for the subspace analysis (FACTOR_RUNS, seeds 0 and 1)."""
-    return (spec.method == "lora" and spec.scaling == "rslora" and spec.seed in (0, 1)
+    return (spec.method == "lora" and spec.variant is None and spec.scaling == "rslora"
+            and spec.seed in (0, 1)
             and spec.split is None and (spec.targets, spec.r) in FACTOR_RUNS[spec.model])
 
 
@@ -281,16 +328,33 @@ def merge_shards(out: Path, settings: RunSettings) -> int:
 
 def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float("inf"),
                settings: RunSettings | None = None, mixed_precision: bool | None = None,
-               stages: Sequence[str] = ("lr", "grid"), max_runs: int | None = None) -> list[dict]:
+               stages: Sequence[str] = ("lr", "grid"), max_runs: int | None = None,
+               grid: str = "main") -> list[dict]:
     """Both stages for one model into ``out``; resumes; stops claiming runs after budget_s (chapter 4).
 
     ``max_runs`` keeps only the first runs of each stage (a trial of the command, not a record).
+    ``grid="qlora"`` (the LM only): LoRA's learning-rate candidates, then ``qlora_grid_specs``.
     """
+    if grid not in ("main", "qlora"):
+        raise ValueError(f"grid must be 'main' or 'qlora', got {grid!r}")
+    if grid == "qlora" and model != "lm":
+        raise ValueError(f"the QLoRA grid is the LM's, got model {model!r}")
     settings = settings or get_settings()
     if mixed_precision is None:
         mixed_precision = torch.cuda.is_available()
     deadline = time.time() + budget_s
     out.parent.mkdir(parents=True, exist_ok=True)
+    if grid == "qlora":
+        if "lr" in stages:
+            specs = [s for s in lr_specs(model) if s.method == "lora"]
+            run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
+        records = read_results(out)[1] if out.exists() else []
+        if "grid" in stages and any(r.get("method") == "lora" and r.get("split") == "val"
+                                    for r in records):  # no chosen lr yet: the grid waits
+            specs = qlora_grid_specs(choose_lr(records, model, "lora")[0])
+            run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
+            records = read_results(out)[1]
+        return records
     if "lr" in stages:
         run_parallel(lr_specs(model)[:max_runs], out, workers, deadline, settings, mixed_precision)
     records = read_results(out)[1] if out.exists() else []
@@ -306,6 +370,88 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
     return records
 
 
+# ---------------------------------------------------------------- chapter 8: after LoRA
+
+# Variants with learning rates of their own, tried on the validation split at seed 0 like stage 1:
+# VeRA trains scaling vectors only (its paper: 1e-2 to 4e-2); LoRA+'s lr is A's, B's is 16 x it,
+# so its candidates sit below LoRA's. DoRA, PiSSA and LoftQ keep LoRA's chosen rate, as their
+# papers compare them with LoRA at LoRA's learning rate.
+VARIANT_LR_CANDIDATES = {
+    ("lm", "vera"): (3e-3, 1e-2, 3e-2),
+    ("lm", "loraplus"): (1.25e-4, 2.5e-4, 5e-4, 1e-3),
+    ("encoder", "vera"): (3e-3, 1e-2, 3e-2),
+    ("encoder", "loraplus"): (2e-4, 5e-4, 1e-3, 3e-3),
+}
+# Every variant at the point LoRA's learning rate was chosen at (LR_PROBE: r = 8, all linear
+# layers, alpha / sqrt(r)), so that each differs from that LoRA run in the one thing it changes;
+# VeRA at its own rank (sweep.VERA_R), with far fewer trained numbers.
+VARIANT_RANK_SERIES = (8, 64)  # rsLoRA against alpha / r at two ranks
+
+
+def _variant_spec(model: str, variant: str | None, lr: float, seed: int = 0,
+                  split: str | None = None, base: str = "float", r: int | None = None,
+                  scaling: str = "rslora") -> RunSpec:
+    from lorabook.sweep import VERA_R
+
+    r = r or (VERA_R if variant == "vera" else LR_PROBE[model]["r"])
+    return RunSpec(model, "lora", r, LR_PROBE[model]["targets"], scaling, base, seed, lr=lr,
+                   split=split, variant=variant)
+
+
+def variant_lr_specs(model: str) -> list[RunSpec]:
+    """Learning-rate candidates of VeRA and LoRA+, seed 0, on the val split (chapter 8)."""
+    return [_variant_spec(model, v, lr, split="val")
+            for (m, v), lrs in VARIANT_LR_CANDIDATES.items() if m == model for lr in lrs]
+
+
+def variant_specs(model: str, lrs: dict[str, float],
+                  seeds: Sequence[int] = FIRST_SEEDS) -> list[RunSpec]:
+    """The after-LoRA grid of record, seed by seed (chapter 8).
+
+    ``lrs``: "lora" (stage 1's choice) and "vera", "loraplus" (``variant_lr_specs``' choices).
+    Both models: LoRA (the main grid's run, same key, re-run in this file so that every
+    comparison is paired within it), alpha / r against rsLoRA at r in 8 and 64,
+    DoRA, LoRA+, PiSSA, VeRA. The LM also on a 4-bit NF4 base: QLoRA, QPiSSA and LoftQ.
+    """
+    out = []
+    for seed in seeds:
+        lora = lrs["lora"]
+        out.append(_variant_spec(model, None, lora, seed))
+        out += [_variant_spec(model, None, lora, seed, r=r, scaling=sc)
+                for r in VARIANT_RANK_SERIES for sc in ("lora", "rslora")]
+        out += [_variant_spec(model, v, lrs.get(v, lora), seed)
+                for v in ("dora", "loraplus", "pissa", "vera")]
+        if model == "lm":
+            out += [_variant_spec(model, v, lora, seed, base="nf4") for v in (None, "pissa", "loftq")]
+    return list(dict.fromkeys(out))  # r = 8 with rslora appears twice above: keep it once
+
+
+def run_variants(model: str, out: Path, workers: int = 1, budget_s: float = float("inf"),
+                 settings: RunSettings | None = None, mixed_precision: bool | None = None,
+                 max_runs: int | None = None, lr_from: Path | None = None) -> list[dict]:
+    """Chapter 8's grid into ``out``; LoRA's learning rate as stage 1 chose it in ``lr_from``
+    (default: ``out`` itself), VeRA's and LoRA+'s chosen here on the val split (chapter 8)."""
+    settings = settings or get_settings()
+    if mixed_precision is None:
+        mixed_precision = torch.cuda.is_available()
+    deadline = time.time() + budget_s
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = Path(lr_from) if lr_from is not None else out
+    stage1 = read_results(source)[1] if source.exists() else []
+    lrs = {"lora": choose_lr(stage1, model, "lora")[0]}  # raises until stage 1 has run
+    run_parallel(variant_lr_specs(model)[:max_runs], out, workers, deadline, settings,
+                 mixed_precision)
+    records = read_results(out)[1]
+    for (m, variant) in VARIANT_LR_CANDIDATES:
+        if m == model and any(r.get("variant") == variant and r.get("split") == "val"
+                              for r in records):
+            lrs[variant] = choose_lr(records, model, "lora", variant)[0]
+    specs = [s for s in variant_specs(model, lrs)
+             if s.variant not in ("vera", "loraplus") or s.variant in lrs]
+    run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
+    return read_results(out)[1]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m lorabook.record``: the runs of record of one model into a results file (chapter 4)."""
     parser = argparse.ArgumentParser(
@@ -314,13 +460,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "grid over seeds, appended to --out as each run ends (re-run to resume). "
                     "Use LORABOOK_MODE=record.")
     parser.add_argument("--model", choices=("lm", "encoder"))
+    parser.add_argument("--grid", choices=("main", "qlora"), default="main",
+                        help="main: the grid of chapter 4; qlora: the QLoRA grid (LM, chapters 6-7)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--workers", type=int, default=1, help="runs at once (one GPU holds many)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="claim no new run after this many seconds")
-    parser.add_argument("--stages", default="lr,grid", help="lr (learning rates), grid, or both")
+    parser.add_argument("--stages", default="lr,grid", help="lr (learning rates), grid, variants (chapter 8), comma-separated")
     parser.add_argument("--max-runs", type=int, default=None,
                         help="only the first N runs of each stage: a trial, not a record")
+    parser.add_argument("--lr-from", default=None,
+                        help="variants stage: the results file whose stage 1 chose LoRA's "
+                             "learning rate (default: --out)")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="fp32 weights with bf16 autocast (default on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -338,10 +489,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.mode != "record" and os.environ.get("LORABOOK_RECORD_ANY_MODE") != "1":
         parser.error(f"the runs of record use LORABOOK_MODE=record (this is {settings.mode!r})")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not stages or set(stages) - {"lr", "grid"}:
-        parser.error(f"--stages takes lr and/or grid, got {args.stages!r}")
-    records = run_record(args.model, Path(args.out), args.workers, args.budget_s, settings,
-                         args.mixed_precision or None, stages, args.max_runs)
+    if not stages or set(stages) - {"lr", "grid", "variants"}:
+        parser.error(f"--stages takes lr, grid and/or variants, got {args.stages!r}")
+    records = []
+    if set(stages) & {"lr", "grid"}:
+        records = run_record(args.model, Path(args.out), args.workers, args.budget_s, settings,
+                             args.mixed_precision or None,
+                             [s for s in stages if s != "variants"], args.max_runs, args.grid)
+    if "variants" in stages:
+        records = run_variants(args.model, Path(args.out), args.workers, args.budget_s, settings,
+                               args.mixed_precision or None, args.max_runs,
+                               Path(args.lr_from) if args.lr_from else None)
     print(f"{len(records)} records in {args.out}")
 
 

@@ -45,6 +45,15 @@ METHODS = ("lora", "full", "adapter", "prefix", "none")
 SIZED = ("adapter", "prefix")
 SCALINGS = ("lora", "rslora")  # alpha / r (Hu et al.), alpha / sqrt(r) (rsLoRA)
 BASES = ("float", "nf4", "fp4", "int4")  # storage of the frozen W0 under the adapters
+# Chapter 8's methods after LoRA, as variants of a LoRA spec (method "lora"): DoRA's magnitude and
+# direction, PiSSA's and LoftQ's initialisations (LoftQ on a 4-bit base only), LoRA+'s learning
+# rate for B, VeRA's shared frozen pair with trained vectors (r is VeRA's rank, alpha unused)
+VARIANTS = ("dora", "pissa", "loftq", "loraplus", "vera")
+VARIANT_NAMES = {"dora": "DoRA", "pissa": "PiSSA", "loftq": "LoftQ", "loraplus": "LoRA+",
+                 "vera": "VeRA"}
+LORAPLUS_RATIO = 16.0  # lr of B / lr of A: the LoRA+ paper's 2^4, its choice for LLaMA-size models
+LOFTQ_ITER = 5  # LoftQ's alternations T (the LoftQ paper's default for its 4-bit experiments)
+VERA_R = 256  # VeRA's rank: peft's default (the shared A, B are random: a large r costs little)
 
 _BERT_ATTENTION = ("query", "key", "value", "attention.output.dense")
 TARGET_SETS = {  # names matched as apply_lora matches them: equal, or a "."-suffix of the name
@@ -79,6 +88,9 @@ LORA_LR = {"encoder": 3e-3, "lm": experiments.LORA_LR}  # AdamW lr of A, B (and 
 FULL_LR = {"encoder": 2e-4, "lm": experiments.FULL_FT_LR}  # AdamW lr of full fine-tuning
 ADAPTER_LR = {"encoder": 1e-3, "lm": 1e-3}  # AdamW lr of bottleneck adapters (and the head)
 PREFIX_LR = {"lm": 1e-2}  # AdamW lr of prefix tuning's keys and values (Li & Liang: 5e-5..8e-3)
+# VeRA trains only scaling vectors, which need a larger step: its paper uses 1e-2 to 4e-2 on
+# RoBERTa (classifier head at 4e-3 to 1e-2); 1e-2 here, chosen again on validation for the record
+VERA_LR = {"encoder": 1e-2, "lm": 1e-2}
 CURVE_ITEMS = 64  # held-out items scored at each point of a learning curve
 ENCODER_BATCH = 16  # sentences per step (chapter 2's encoder runs use the same)
 ENCODER_MAX_LENGTH = 64  # tokens per sentence
@@ -108,6 +120,10 @@ class RunSpec:
     size: int | None = None  # adapter bottleneck width or number of prefix tokens; else None
     split: str | None = None  # None: train, score on test; "val": fit on part of the training
     # templates and score on the rest (choosing the learning rate, never looking at the test)
+    dense_base: bool | None = None  # 4-bit bases only: True holds the de-quantized Q(W0) as a
+    # dense frozen weight (the same function, bit for bit in fp32, at LoRA's cost per step: the
+    # QLoRA quality runs of record); None trains on the 4-bit codes (memory and time per step)
+    variant: str | None = None  # chapter 8: one of VARIANTS on top of a LoRA spec; None = LoRA
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -149,6 +165,13 @@ class RunSpec:
                                  f"model {self.model!r}, got {self.targets!r}")
             if self.scaling not in SCALINGS:
                 raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.dense_base not in (None, True):
+            raise ValueError(f"dense_base must be None (the 4-bit path) or True, got {self.dense_base!r}")
+        if self.dense_base and self.base == "float":
+            raise ValueError("dense_base=True holds a de-quantized 4-bit W0: it needs base "
+                             f"'nf4', 'fp4' or 'int4', got base={self.base!r}")
+        if self.variant is not None:
+            _check_variant(self)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         for name in ("alpha", "lr"):
@@ -166,6 +189,8 @@ class RunSpec:
             return self
         default_lr = {"lora": LORA_LR, "full": FULL_LR, "adapter": ADAPTER_LR,
                       "prefix": PREFIX_LR}[self.method][self.model]
+        if self.variant == "vera":
+            default_lr = VERA_LR[self.model]
         return replace(
             self,
             alpha=self.alpha if self.alpha is not None or not lora else ALPHA[self.model],
@@ -176,7 +201,7 @@ class RunSpec:
     @property
     def scaling_factor(self) -> float | None:
         """alpha / r or alpha / sqrt(r) once alpha is known; None for full fine-tuning."""
-        if self.method != "lora" or self.alpha is None:
+        if self.method != "lora" or self.alpha is None or self.variant == "vera":
             return None
         return self.alpha / (math.sqrt(self.r) if self.scaling == "rslora" else self.r)
 
@@ -184,7 +209,7 @@ class RunSpec:
         """A stable id of the run: every field that is set, e.g. "lm|lora|r=8|targets=qv|..." (chapter 4)."""
         parts = [self.model, self.method]
         for name in ("r", "targets", "scaling", "base", "seed", "alpha", "lr", "steps", "size",
-                     "split"):
+                     "split", "dense_base", "variant"):
             value = getattr(self, name)
             if value is not None:
                 parts.append(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}")
@@ -197,8 +222,25 @@ class RunSpec:
                     "adapter": f"adapters (bottleneck {self.size})",
                     "prefix": f"prefix tuning ({self.size} tokens)"}[self.method]
         extra = [s for s in (self.scaling if self.scaling != "lora" else "",
-                             self.base if self.base != "float" else "") if s]
-        return f"LoRA r={self.r} on {self.targets}" + (f" ({', '.join(extra)})" if extra else "")
+                             self.base if self.base != "float" else "",
+                             "dense Q(W0)" if self.dense_base else "") if s]
+        name = VARIANT_NAMES.get(self.variant, "LoRA")
+        if self.variant == "vera":
+            extra = [e for e in extra if e != self.scaling]  # VeRA has no alpha / r scaling
+        return f"{name} r={self.r} on {self.targets}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _check_variant(spec: RunSpec) -> None:
+    """A variant is a LoRA spec; LoftQ needs the NF4 base it initialises for (chapter 8)."""
+    if spec.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS} or None, got {spec.variant!r}")
+    if spec.method != "lora":
+        raise ValueError(f"variant {spec.variant!r} modifies a LoRA run: method must be 'lora', "
+                         f"got {spec.method!r}")
+    if spec.variant == "loftq" and spec.base != "nf4":
+        raise ValueError(f"LoftQ initialises for an NF4 base: base must be 'nf4', got {spec.base!r}")
+    if spec.variant in ("vera", "loraplus") and spec.base != "float":
+        raise ValueError(f"variant {spec.variant!r} is run here on a float base, got {spec.base!r}")
 
 
 def _unique(values: Sequence, name: str) -> list:
@@ -288,14 +330,49 @@ def prepare_model(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
             return baselines.PrefixTuning(model, n_prefix=spec.size)
         head = (HEAD[spec.model],) if spec.model == "encoder" else ()
         return baselines.add_adapters(model, bottleneck=spec.size, trainable=head)
+    if spec.variant is not None:
+        return _prepare_variant(model, spec)
     if spec.base != "float":
         quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
                        quant_type=spec.base, skip=(HEAD[spec.model],))
-        qlora.recompute_in_backward(model)  # keep only the 4-bit codes between forward and backward
+        if spec.dense_base:  # Q(W0) once, as a frozen dense weight: same function, LoRA's cost
+            qlora.dequantize_model(model)
+        else:
+            qlora.recompute_in_backward(model)  # keep only the 4-bit codes between forward and backward
     seed_everything(spec.seed)
     return apply_lora(model, TARGET_SETS[spec.model][spec.targets], r=spec.r, alpha=spec.alpha,
                       use_rslora=spec.scaling == "rslora",
                       modules_to_save=[HEAD[spec.model]] if spec.model == "encoder" else None)
+
+
+def _prepare_variant(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
+    """Chapter 8's variants: VeRA, or LoRA with DoRA / PiSSA / LoftQ / LoRA+ (chapter 8).
+
+    PiSSA and LoftQ rewrite W0 (to the residual, resp. its NF4 round trip) on the float model;
+    a 4-bit base is quantized afterwards, so that Q(W_res) is what the adapter trains against.
+    LoRA+ changes only the optimizer (``run_one`` passes the ratio to ``train``).
+    """
+    from lorabook.vera import apply_vera
+
+    head = [HEAD[spec.model]] if spec.model == "encoder" else None
+    targets = TARGET_SETS[spec.model][spec.targets]
+    seed_everything(spec.seed)
+    if spec.variant == "vera":
+        return apply_vera(model, targets, r=spec.r, projection_prng_key=spec.seed,
+                          modules_to_save=head)
+    init = {"pissa": "pissa", "loftq": "loftq"}.get(spec.variant, True)
+    if spec.base != "float" and init is True:  # DoRA on a 4-bit base: quantize W0 first
+        quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
+                       quant_type=spec.base, skip=(HEAD[spec.model],))
+    apply_lora(model, targets, r=spec.r, alpha=spec.alpha, use_rslora=spec.scaling == "rslora",
+               modules_to_save=head, use_dora=spec.variant == "dora", init_lora_weights=init,
+               loftq_config={"loftq_bits": 4, "loftq_iter": LOFTQ_ITER} if init == "loftq" else None)
+    if spec.base != "float" and init is not True:  # QPiSSA, LoftQ: quantize the new W0
+        quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
+                       quant_type=spec.base, skip=(HEAD[spec.model],))
+    if spec.base != "float":
+        qlora.recompute_in_backward(model)
+    return model
 
 
 def lora_parameter_count(model: torch.nn.Module, kind: str, targets: str, r: int) -> int:
@@ -314,7 +391,9 @@ def _stored_bytes(model: torch.nn.Module, spec: RunSpec) -> int:
     the trained parameters for adapters and prefix tuning, nothing without training."""
     if spec.method == "none":
         return 0
-    if spec.method == "lora":
+    if spec.variant == "vera":  # d, b (and the head); A, B are regenerated from the seed
+        tensors = [p for p in model.parameters() if p.requires_grad]
+    elif spec.method == "lora":
         tensors = lora_state_dict(model).values()
     elif spec.method == "full":
         tensors = {id(p): p for p in model.parameters()}.values()  # tied weights once
@@ -376,7 +455,8 @@ def run_one(spec: RunSpec, settings: RunSettings | None = None, progress: bool =
     if spec.method != "none":
         cfg = TrainConfig(steps=spec.steps, lr=spec.lr, batch_size=batch, seed=spec.seed,
                           warmup_steps=min(5, spec.steps), progress=progress, desc=spec.label(),
-                          autocast=amp, eval_every=curve_every)
+                          autocast=amp, eval_every=curve_every,
+                          loraplus_lr_ratio=LORAPLUS_RATIO if spec.variant == "loraplus" else None)
 
         def curve_point(m: torch.nn.Module) -> dict:
             return {k: v for k, v in score(m, few=True).items() if k != "per_example"}

@@ -4,6 +4,11 @@ Full fine-tuning, LoRA, QLoRA, adapters and prefix tuning all go through ``train
 between them is only which parameters have ``requires_grad=True``. The loop takes tokenised items
 (dicts of lists or tensors) and a ``collate_fn`` that turns a list of them into a batch of tensors
 the model's ``forward(**batch)`` accepts, returning an output with ``.loss``.
+
+The same loop runs on one process or, under ``accelerate launch``, on several (chapter 9): pass an
+``accelerate.Accelerator`` as ``accelerator`` and ``lorabook.distributed`` shards each step's global
+batch across the processes and weights their losses so that the step is the one a single process
+would take. ``python -m lorabook.train`` is the command line (``lorabook.launch``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from tqdm.auto import tqdm
 from lorabook import bench
 from lorabook.config import seed_everything
 from lorabook.data import skip_prompt_logits
+from lorabook.distributed import LocalProcess, loss_items, loss_weight, shard
+from lorabook.loraplus import create_loraplus_optimizer
 
 
 @dataclass
@@ -29,7 +36,8 @@ class TrainConfig:
 
     steps: int = 60  # optimiser steps (one batch each)
     lr: float = 2e-4  # peak AdamW learning rate (LoRA paper/QLoRA use 1e-4..2e-4; full FT ~1e-5..5e-5)
-    batch_size: int = 8  # items per step
+    batch_size: int = 8  # items per step (per process and micro-batch when distributed or accumulating)
+    gradient_accumulation_steps: int = 1  # micro-batches of batch_size summed into one step
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 5  # linear warm-up, then linear decay to 10% of lr
     max_grad_norm: float | None = 1.0  # gradient clipping (QLoRA recipe: 0.3); None = off
@@ -40,16 +48,20 @@ class TrainConfig:
     autocast: str | None = None  # "bfloat16": mixed precision (fp32 weights, bf16 matmuls); None = off
     progress: bool = True  # show a tqdm progress bar
     desc: str = "train"  # progress-bar label
+    loraplus_lr_ratio: float | None = None  # LoRA+ (chapter 8): B's lr = ratio x lr; None = off
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError(f"steps, batch_size and gradient_accumulation_steps must be >= 1, got "
+                             f"{self.steps}, {self.batch_size}, {self.gradient_accumulation_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in ("adamw", "paged_adamw"):
             raise ValueError(f"optimizer must be 'adamw' or 'paged_adamw', got {self.optimizer!r}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if self.loraplus_lr_ratio is not None and self.optimizer != "adamw":
+            raise ValueError("loraplus_lr_ratio is built for optimizer='adamw'")
 
 
 @dataclass
@@ -182,12 +194,23 @@ def _checkpointing(model, on: bool) -> None:
 
 def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
           collate_fn: Callable[[list], dict],
-          eval_fn: Callable[[torch.nn.Module], dict] | None = None) -> History:
-    """Train the parameters of ``model`` that require grad; return the measured History (chapter 1)."""
-    seed_everything(config.seed)
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+          eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+          accelerator=None,
+          after_step: Callable[[torch.nn.Module, torch.optim.Optimizer], None] | None = None) -> History:
+    """Train the parameters of ``model`` that require grad; return the measured History (chapter 1).
+
+    ``accelerator``: an ``accelerate.Accelerator`` to run as one of several processes (chapter 9);
+    None runs as one plain process. Each step takes a global batch of ``batch_size`` x
+    ``gradient_accumulation_steps`` x processes items; the recorded loss is that batch's mean (the
+    same on every process). ``eval_fn`` runs on every process (a sharded model needs them all).
+    ``after_step(model, optimizer)`` is called after each optimizer step, before the gradients are
+    zeroed (chapter 9 counts the training state there).
+    """
+    acc = accelerator if accelerator is not None else LocalProcess()
+    world, accum = acc.num_processes, config.gradient_accumulation_steps
+    seed_everything(config.seed + acc.process_index)  # dropout differs by process; data order does not
+    device = acc.device if accelerator is not None else next(model.parameters()).device
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     trainable, total = count_trainable(model)
     hist = History(config=asdict(config), trainable_params=trainable, total_params=total,
@@ -195,49 +218,88 @@ def train(model: torch.nn.Module, items: Sequence, config: TrainConfig,
     if config.gradient_checkpointing:
         _checkpointing(model, True)
 
-    opt = _make_optimizer(params, config, device)
+    model = acc.prepare(model)  # DDP or FSDP wrapping; params are taken after it (FSDP shards them)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.loraplus_lr_ratio is not None:  # LoRA+: parameter groups as peft builds them
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=config.lr,
+                                        loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                        loraplus_weight_decay=config.weight_decay)
+    else:
+        opt = _make_optimizer(params, config, device)
+    opt = acc.prepare(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-    stream = batches(items, config.batch_size, config.seed)
+    stream = batches(items, config.batch_size * accum * world, config.seed)  # the same in every process
+    plain = acc.unwrap_model(model)  # the model itself, for its forward's signature
     bench.reset_peak_memory(device)
     sampler = bench.MemorySampler(device)
     was_training = model.training
     model.train()
     t_start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress, leave=False)
+    bar = tqdm(range(config.steps), desc=config.desc, leave=False,
+               disable=not (config.progress and acc.is_main_process))
     with sampler:
         for step in bar:
-            batch = {k: v.to(device) for k, v in collate_fn(next(stream)).items()}
+            global_batch = next(stream)
+            micro = shard(global_batch, acc.process_index, world, accum)
+            whole = collate_fn(global_batch) if world * accum > 1 else None  # counts of the global batch
+            parts, weights, counts = [], [], torch.zeros(2, dtype=torch.long)  # tokens, output rows here
+            for part in micro:  # counted on the CPU, before the clock starts: no GPU sync in the step
+                cpu = collate_fn(part)
+                mask, labels = cpu.get("attention_mask"), skip_prompt_logits(plain, cpu).get("labels")
+                tokens = int(mask.sum()) if mask is not None else int(cpu["input_ids"].numel())
+                counts += torch.tensor([tokens, int(labels.numel()) if labels is not None else tokens])
+                if whole is not None:  # this micro-batch's share of the global batch's mean loss
+                    weights.append(loss_weight(loss_items(cpu.get("labels"), len(part)),
+                                               loss_items(whole.get("labels"), len(global_batch)), world))
+                parts.append({k: v.to(device) for k, v in cpu.items()})
             t0 = time.perf_counter()
-            fed = skip_prompt_logits(model, batch)  # a causal LM: no output layer on the prompt
-            with autocast(device, config.autocast):
-                loss = model(**fed).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
-            loss.backward()
+            step_loss = torch.zeros((), device=device)
+            for m, batch in enumerate(parts):
+                fed = skip_prompt_logits(plain, batch)  # a causal LM: no output layer on the prompt
+                sync = m + 1 == accum  # all-reduce the gradients once, after the last micro-batch
+                with (contextlib.nullcontext() if sync else acc.no_sync(model)):
+                    with autocast(device, config.autocast):
+                        loss = model(**fed).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the learning rate")
+                    if weights:
+                        loss = loss * weights[m]
+                    acc.backward(loss)
+                step_loss += loss.detach()
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                acc.clip_grad_norm_(params, config.max_grad_norm)
             opt.step()
+            if after_step is not None:
+                after_step(model, opt)
             sched.step()
             opt.zero_grad(set_to_none=True)
+            step_loss = acc.reduce(step_loss, "mean")  # the mean over the whole global batch
+            counts = acc.reduce(counts.to(device), "sum")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             hist.step_time_s.append(time.perf_counter() - t0)
-            hist.loss.append(loss.item())
-            mask = batch.get("attention_mask")
-            hist.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
-            labels = fed.get("labels")  # (B, positions kept) for a causal LM, (B,) for a classifier
-            hist.output_rows.append(int(labels.numel()) if labels is not None else hist.tokens[-1])
+            hist.loss.append(step_loss.item())
+            hist.tokens.append(int(counts[0]))
+            hist.output_rows.append(int(counts[1]))
             bar.set_postfix(loss=f"{hist.loss[-1]:.3f}")
             last = step + 1 == config.steps
             if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 model.eval()
                 with autocast(device, config.autocast):
-                    hist.evals.append({"step": step + 1, **eval_fn(model)})
+                    hist.evals.append({"step": step + 1, **eval_fn(plain)})
                 model.train()
     hist.wall_time_s = time.perf_counter() - t_start
     hist.peak_memory_bytes = bench.peak_memory(device)
     hist.memory_increase_bytes = sampler.increase_bytes
     if config.gradient_checkpointing:
-        _checkpointing(model, False)
+        _checkpointing(plain, False)
     model.train(was_training)
     return hist
+
+
+if __name__ == "__main__":  # python -m lorabook.train / accelerate launch -m lorabook.train (chapter 9)
+    import sys
+
+    from lorabook.launch import main
+
+    main(sys.argv[1:])

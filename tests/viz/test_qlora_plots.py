@@ -114,6 +114,7 @@ def test_rank_figure_plots_the_means_by_base_and_full_ft_as_a_line():
     mem = {c.get_label(): c for c in memory_ax.containers}[qlora_plots.BASE_NAMES["nf4"]]
     np.testing.assert_allclose(mem.lines[0].get_ydata(), [60, 61])  # MiB
     assert "MiB" in memory_ax.get_ylabel()
+    assert score_ax.get_ylim()[0] == 0 and memory_ax.get_ylim()[0] == 0  # axes from 0, not truncated
     with pytest.raises(ValueError, match="LoRA records"):
         qlora_plots.rank_figure(RECORDS[5:])
 

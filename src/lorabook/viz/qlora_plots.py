@@ -158,6 +158,8 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
                 title: str = "LoRA on a float base and on 4-bit bases, by rank") -> Figure:
     """One panel per metric against the rank r, a line per base storage, mean +- std (chapter 7).
 
+    Every y axis starts at 0 (the metrics are scores, times and bytes: none is negative).
+
     ``records`` are sweep results (keys ``method``, ``r``, ``base`` and the metrics). LoRA
     records (method "lora") are lines over r; full fine-tuning records (method "full") a dashed
     horizontal line with its mean. ``metrics``: record key -> (axis label, divisor); default
@@ -189,6 +191,7 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
             ax.minorticks_off()
             ax.set_xlabel("rank r (log scale)")
             ax.set_ylabel(label)
+            ax.set_ylim(bottom=0)  # from 0: a truncated axis magnifies single-seed differences
             ax.set_title(label.split(" (")[0].capitalize())
         legend_in(fig, axes[0], spare)
         fig.suptitle(title)
