@@ -23,6 +23,7 @@ the reason, when the book is not built or the browser is missing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -223,6 +224,17 @@ def _offline_problems(state: dict, page: Path) -> list[str]:
     return problems
 
 
+MATH = re.compile(r"\$\$|\$[^\s$][^$\n]*\$|\\\(|\\\[")  # $$, $x$, \( or \[ in Markdown
+
+
+def _has_math(source: Path) -> bool:
+    """Whether a notebook's Markdown cells hold math (a `$s` in a code cell's shell line is not)."""
+    if not source.is_file():
+        return False
+    cells = json.loads(source.read_text(encoding="utf-8"))["cells"]
+    return any(MATH.search("".join(c["source"])) for c in cells if c["cell_type"] == "markdown")
+
+
 @pytest.mark.parametrize("page", _params(PAGES))
 def test_chapter_page_renders(browser, page):
     state = _load(browser, page)
@@ -235,8 +247,7 @@ def test_chapter_page_renders(browser, page):
                                    "show it through lorabook.widgets' *_explorer functions")
     if _expects_animation(page):
         assert state["players"] > 0, "the chapter makes an animation but no player is on the page"
-    source = ROOT / "notebooks" / f"{page.stem}.ipynb"
-    if source.is_file() and "$" in source.read_text(encoding="utf-8"):
+    if _has_math(ROOT / "notebooks" / f"{page.stem}.ipynb"):
         assert state["math"] > 0, "the chapter's source has math but the page has no formula"
     # the width lorabook.viz.export assumes when it refuses figures whose text would show below
     # plots.MIN_TEXT_PT: if the theme changes it, the text-size check must follow
