@@ -104,5 +104,9 @@ def test_per_gpu_figure_has_a_panel_per_method():
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["full fine-tuning", "LoRA", "QLoRA (NF4 base)"]
     assert all(len(ax.get_lines()) == 5 + 2 for ax in fig.axes if ax.get_title())  # 5 models, 2 GPU lines
+    from lorabook.viz import plots
+
+    assert plots.smallest_text_pt(fig) >= plots.MIN_TEXT_PT  # legible in the book's column
+    assert plots.deck_smallest_text_px(fig, dpi=100) >= plots.DECK_MIN_TEXT_PX  # and on a slide
     with pytest.raises(ValueError, match="budget_table"):
         sharding_plots.per_gpu_figure([])

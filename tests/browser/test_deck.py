@@ -77,10 +77,10 @@ def deck(tmp_path_factory):
     figures = tmp / "figures"
     mp = pytest.MonkeyPatch()
     mp.setenv(export.FIGURES_ENV, str(figures))
-    export.export(_figure(), "ch2_delta_w_spectrum", chapter=2, mode="cpu", dpi=40)
-    export.export(_figure(), "ch5_absmax", chapter=5, mode="fast", dpi=40)
-    export.export(_figure(), "ch5_absmax", chapter=5, mode="cpu", dpi=40)
-    export.export(_figure(), "ch5_codebooks", chapter=5, mode="fast", dpi=40)
+    export.export(_figure(), "ch2_delta_w_spectrum", chapter=2, mode="cpu")
+    export.export(_figure(), "ch5_absmax", chapter=5, mode="fast")
+    export.export(_figure(), "ch5_absmax", chapter=5, mode="cpu")
+    export.export(_figure(), "ch5_codebooks", chapter=5, mode="fast")
     mp.undo()
     build = _build_module()
     out = tmp / "slides"
@@ -170,7 +170,7 @@ def test_built_deck_shows_its_figures_in_chromium(deck, tmp_path):
 
 def test_sidecar_names_the_chapter(tmp_path, monkeypatch):
     monkeypatch.setenv(export.FIGURES_ENV, str(tmp_path))
-    export.export(_figure(), "ch3_latency", chapter=3, mode="gpu", dpi=30)
+    export.export(_figure(), "ch3_latency", chapter=3, mode="gpu")
     path, meta = export.find("ch3_latency")
     assert path.parent.name == "gpu" and meta["chapter"] == 3
     assert json.loads((tmp_path / "gpu" / "ch3_latency.json").read_text())["file"] == path.name

@@ -40,7 +40,7 @@ def test_figures_dir_follows_the_environment(figures):
 
 
 def test_figure_becomes_png_with_sidecar(figures):
-    path = export.export(_figure(), "ch1_line", chapter=1, dpi=50)
+    path = export.export(_figure(), "ch1_line", chapter=1)
     assert path == figures / "fast" / "ch1_line.png"
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 50
@@ -54,7 +54,7 @@ def test_animation_becomes_gif_with_every_frame(figures):
     g = torch.Generator().manual_seed(0)
     anim = svd_approximation_animation(torch.randn(12, 10, generator=g), ranks=[1, 2, 10],
                                        max_size=12)
-    path = export.export(anim, "ch2_svd", chapter=2, dpi=30)
+    path = export.export(anim, "ch2_svd", chapter=2, dpi=60)  # the chapter's dpi
     assert path.suffix == ".gif"
     with Image.open(path) as im:
         assert im.n_frames == 3
@@ -69,10 +69,10 @@ def test_table_becomes_html(figures):
 
 def test_fast_run_never_touches_the_cpu_figure(figures, monkeypatch):
     monkeypatch.setenv("LORABOOK_MODE", "cpu")
-    cpu_path = export.export(_figure(), "ch1_line", chapter=1, dpi=40)
+    cpu_path = export.export(_figure(), "ch1_line", chapter=1)
     before = cpu_path.read_bytes()
     monkeypatch.setenv("LORABOOK_MODE", "fast")
-    fast_path = export.export(_figure(width=6), "ch1_line", chapter=1, dpi=40)
+    fast_path = export.export(_figure(width=6), "ch1_line", chapter=1)
     assert fast_path.parent.name == "fast" and cpu_path.parent.name == "cpu"
     assert cpu_path.read_bytes() == before
     # the deck prefers the cpu figure, and falls back to fast only when asked to or when alone
@@ -105,3 +105,40 @@ def test_a_figure_too_wide_to_read_is_refused_and_a_legible_one_records_its_text
     export.export(_figure(), "ch1_line", chapter=1)
     meta = json.loads((figures / "fast" / "ch1_line.json").read_text())
     assert meta["smallest_text_pt"] >= export.MIN_TEXT_PT
+    assert meta["deck_smallest_text_px"] >= export.DECK_MIN_TEXT_PX
+
+
+def _tall(fontsize: float) -> Figure:
+    """Two panels stacked, 9 x 10 in: the book's column reads 13 pt text at 9 in wide."""
+    fig = Figure(figsize=(9, 10))
+    for ax in fig.subplots(2, 1):
+        ax.plot([0, 1], [1, 0])
+        ax.set_title("a panel", fontsize=fontsize)
+        ax.set_xlabel("x (units)", fontsize=fontsize)
+        ax.tick_params(labelsize=fontsize)
+    return fig
+
+
+def test_a_tall_figure_the_book_reads_is_refused_for_the_deck(figures):
+    from lorabook.viz import plots
+
+    tall = _tall(13)
+    assert plots.smallest_text_pt(tall) >= export.MIN_TEXT_PT  # the book's check alone passes it
+    with pytest.raises(ValueError, match=r"smallest text shows at .* px on a slide"):
+        export.export(tall, "ch2_tall", chapter=2)
+    assert not (figures / "fast" / "ch2_tall.json").exists()
+    # the same panels side by side, 12 x 4.5 in, with 14 pt text: legible in the book and the deck
+    wide = Figure(figsize=(12, 4.5))
+    for ax in wide.subplots(1, 2):
+        ax.plot([0, 1], [1, 0])
+        ax.set_title("a panel", fontsize=14)
+        ax.set_xlabel("x (units)", fontsize=14)
+        ax.tick_params(labelsize=14)
+    export.export(wide, "ch2_wide", chapter=2)
+    meta = json.loads((figures / "fast" / "ch2_wide.json").read_text())
+    assert meta["smallest_text_pt"] >= export.MIN_TEXT_PT
+    assert meta["deck_smallest_text_px"] >= plots.DECK_MIN_TEXT_PX
+    assert meta["deck_smallest_text_px"] == pytest.approx(plots.deck_smallest_text_px(wide, 100), abs=0.01)
+    with Image.open(figures / "fast" / "ch2_wide.png") as im:  # the estimate is the saved file's
+        scale = min(1, plots.DECK_FIGURE_WIDTH_PX / im.width, plots.DECK_FIGURE_HEIGHT_PX / im.height)
+    assert meta["deck_smallest_text_px"] == pytest.approx(14 * 100 / 72 * scale, rel=0.01)

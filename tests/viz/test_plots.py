@@ -79,3 +79,36 @@ def test_a_figure_without_text_has_nothing_to_read():
     from matplotlib.figure import Figure
 
     assert plots.smallest_text_pt(Figure(figsize=(3, 2))) == float("inf")
+    assert plots.deck_smallest_text_px(Figure(figsize=(3, 2)), dpi=100) == float("inf")
+
+
+def _tall_figure(size: float):
+    """9 x 10 in, like the stacked panels that pass the book's check: texts at all four edges."""
+    fig = _text_figure(9.0, size)
+    fig.set_size_inches(9.0, 10.0)
+    fig.text(0.5, 0.0, "bottom", fontsize=size, ha="center", va="bottom")
+    fig.text(0.5, 1.0, "top", fontsize=size, ha="center", va="top")
+    return fig
+
+
+def test_on_a_slide_a_tall_figure_shrinks_to_the_decks_height():
+    fig = _tall_figure(13)
+    box = fig.get_tightbbox(fig._get_renderer())
+    height_px = (box.height + 2 * matplotlib.rcParams["savefig.pad_inches"]) * 100  # as saved
+    assert height_px > 990
+    expected = 13 * 100 / 72 * plots.DECK_FIGURE_HEIGHT_PX / height_px
+    assert plots.deck_smallest_text_px(fig, dpi=100) == pytest.approx(expected, rel=1e-3)
+    assert plots.deck_smallest_text_px(fig, dpi=100) < plots.DECK_MIN_TEXT_PX
+    assert plots.smallest_text_pt(fig) >= plots.MIN_TEXT_PT  # while the book's column reads it
+    # the height, not the dpi, sets the scale of a figure larger than the box
+    assert plots.deck_smallest_text_px(fig, dpi=150) == pytest.approx(expected, rel=0.02)
+
+
+def test_on_a_slide_a_small_figure_keeps_its_natural_size_so_the_dpi_counts():
+    fig = _text_figure(5.0, 10)  # 5 in wide, one line high: inside the deck's box at any dpi here
+    assert plots.deck_smallest_text_px(fig, dpi=100) == pytest.approx(10 * 100 / 72)
+    assert plots.deck_smallest_text_px(fig, dpi=50) == pytest.approx(10 * 50 / 72)
+    # the frames of an animation keep the whole figure: 5 x 10 in at dpi 100 is 1000 px high
+    fig.set_size_inches(5.0, 10.0)
+    expected = 10 * 100 / 72 * plots.DECK_FIGURE_HEIGHT_PX / 1000
+    assert plots.deck_smallest_text_px(fig, dpi=100, tight=False) == pytest.approx(expected)

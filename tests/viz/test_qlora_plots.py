@@ -100,10 +100,11 @@ def test_aggregate_is_mean_std_n_over_seeds_and_skips_missing_values():
 def test_rank_figure_plots_the_means_by_base_and_full_ft_as_a_line():
     fig = qlora_plots.rank_figure(RECORDS)
     _labelled(fig)
-    assert len(fig.axes) == 4  # 2 x 2: three metrics, and the legend in the fourth cell
-    score_ax, _, memory_ax, legend_ax = fig.axes
-    assert not legend_ax.axison and legend_ax.get_legend() is not None
-    assert fig.get_size_inches()[0] <= 11.5  # legible at the page's width
+    assert len(fig.axes) == 3  # three metrics side by side, one legend under them
+    score_ax, _, memory_ax = fig.axes
+    (legend,) = fig.legends
+    assert {t.get_text() for t in legend.get_texts()} == {
+        qlora_plots.BASE_NAMES["float"], qlora_plots.BASE_NAMES["nf4"], "full fine-tuning"}
     assert score_ax.get_xscale() == "log"
     by_label = {c.get_label(): c for c in score_ax.containers}
     float_line = by_label[qlora_plots.BASE_NAMES["float"]].lines[0]
@@ -131,10 +132,23 @@ def test_formats_figure_shows_each_error_and_mean_score():
         qlora_plots.formats_figure({}, {"nf4": [0.5]})
 
 
-def test_rank_figure_puts_four_metrics_on_a_two_by_two_grid():
+def test_rank_figure_wraps_four_metrics_three_a_row_with_the_legend_in_the_free_cell():
     metrics = {**qlora_plots.RANK_METRICS, "token_accuracy": ("held-out token accuracy", 1.0)}
     recs = [dict(r, token_accuracy=0.5) for r in RECORDS]
     fig = qlora_plots.rank_figure(recs, metrics)
     _labelled(fig)
-    assert len(fig.axes) == 4
-    assert {ax.get_ylabel() for ax in fig.axes} == {label for label, _ in metrics.values()}
+    *panels, legend_ax = fig.axes
+    assert len(panels) == 4 and not legend_ax.axison and legend_ax.get_legend() is not None
+    assert {ax.get_ylabel() for ax in panels} == {label for label, _ in metrics.values()}
+
+
+def test_rank_figure_as_chapter_7_calls_it_is_legible_in_the_book_and_on_a_slide():
+    metrics = {"score": ("held-out exact match", 1.0),
+               "token_accuracy": ("held-out token accuracy", 1.0),
+               "memory_increase_bytes": ("memory for training (MiB)", 2.0**20)}
+    recs = [dict(r, token_accuracy=0.5) for r in RECORDS]
+    recs += [dict(r, base=base) for r in recs if r["method"] == "lora" for base in ("fp4", "int4")]
+    fig = qlora_plots.rank_figure(recs, metrics, title="Stored sweep (cpu setting, 3 seed(s)): "
+                                  "LoRA by base storage and rank (y axes from 0)")
+    assert plots.smallest_text_pt(fig) >= plots.MIN_TEXT_PT
+    assert plots.deck_smallest_text_px(fig, dpi=100) >= plots.DECK_MIN_TEXT_PX  # as exported

@@ -81,6 +81,11 @@ def test_snapping_animation_keeps_its_frames_and_renders():
     with matplotlib.rc_context({"savefig.dpi": 20}):
         html = anim.to_jshtml()
     assert html.count("data:image/png;base64") == 3  # one image per frame
+    from lorabook.viz import plots
+
+    # chapter 5 exports the GIF at dpi 80: 10 x 5.2 in fits the deck's box unscaled
+    assert plots.smallest_text_pt(anim._fig, tight=False) >= plots.MIN_TEXT_PT
+    assert plots.deck_smallest_text_px(anim._fig, dpi=80, tight=False) >= plots.DECK_MIN_TEXT_PX
 
 
 def test_figures_are_titled_and_labelled():
@@ -132,8 +137,9 @@ def test_empty_inputs_raise():
         quant_plots.format_figure([], {})
 
 
-def test_chapter_figures_are_legible_at_the_book_width():
-    """As chapter 5 calls them: every text >= MIN_TEXT_PT in the book's column (export checks it)."""
+def test_chapter_figures_are_legible_in_the_book_and_on_a_slide():
+    """As chapter 5 calls them: every text >= MIN_TEXT_PT in the book's column and >=
+    DECK_MIN_TEXT_PX in the deck's figure box, saved at export's dpi (export checks both)."""
     from lorabook.viz import plots
 
     p_pos = torch.linspace(0.9677083, 0.5, 9)[:-1]
@@ -159,7 +165,9 @@ def test_chapter_figures_are_legible_at_the_book_width():
     }
     small = {name: round(plots.smallest_text_pt(fig), 2) for name, fig in figures.items()}
     assert all(pt >= plots.MIN_TEXT_PT for pt in small.values()), small
+    deck = {name: round(plots.deck_smallest_text_px(fig, dpi=100), 2) for name, fig in figures.items()}
+    assert all(px >= plots.DECK_MIN_TEXT_PX for px in deck.values()), deck
     errors = figures["errors"]
-    assert len([ax for ax in errors.axes if ax.get_lines()]) == 3  # a panel per source, two a row
+    assert len([ax for ax in errors.axes if ax.get_lines()]) == 3  # a panel per source, side by side
     assert errors.axes[0].get_shared_y_axes().joined(errors.axes[0], errors.axes[2])  # one error scale
     plt.close("all")

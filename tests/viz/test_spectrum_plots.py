@@ -29,28 +29,30 @@ def _inputs():
 def test_delta_w_spectrum_figure_colours_each_kind_alike_in_both_panels():
     spectra, energy = _inputs()
     fig = spectrum_plots.delta_w_spectrum_figure(spectra, energy, 1, [0, 1])
-    top, bottom = fig.axes
-    assert top.get_title() == "Singular values of ΔW, layer 1" and "0, 1" in bottom.get_title()
-    assert top.get_xlabel() and top.get_ylabel() and bottom.get_xlabel() and bottom.get_ylabel()
-    assert top.get_yscale() == "log" and bottom.get_xscale() == "log"
-    def colours(ax):
-        legend = ax.get_legend()
-        return {t.get_text(): h.get_color()
-                for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)}
-
-    top_colour, bottom_colour = colours(top), colours(bottom)
-    assert top_colour["q_proj"] == bottom_colour["q_proj"] != top_colour["v_proj"]
-    assert top_colour["v_proj"] == bottom_colour["v_proj"]
-    assert set(bottom_colour) == {"q_proj", "v_proj", "o_proj", "random, same shape and norm"}
-    q_line = top.get_lines()[0]  # q_proj's ΔW: its singular values against their index
+    left, right = fig.axes
+    assert left.get_title() == "Singular values of ΔW, layer 1" and "0, 1" in right.get_title()
+    assert left.get_xlabel() and left.get_ylabel() and right.get_xlabel() and right.get_ylabel()
+    assert left.get_yscale() == "log" and right.get_xscale() == "log"
+    (legend,) = fig.legends  # one legend for both panels, under them
+    colour = {t.get_text(): h.get_color()
+              for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)}
+    assert {"q_proj", "v_proj", "o_proj"} <= set(colour) and colour["q_proj"] != colour["v_proj"]
+    q_line = left.get_lines()[0]  # q_proj's ΔW: its singular values against their index
     np.testing.assert_allclose(q_line.get_ydata(), spectra["q_proj"][0].numpy())
-    assert len(bottom.get_lines()) == 2 * len(energy) + 1  # ΔW, its twin per matrix; the 90% line
+    assert q_line.get_color() == colour["q_proj"]
+    # the right panel: per matrix its random twin (grey) then ΔW, coloured by kind as on the left
+    by_name = dict(zip(energy, right.get_lines()[1::2], strict=False))
+    assert by_name["model.layers.0.self_attn.q_proj"].get_color() == colour["q_proj"]
+    assert by_name["model.layers.1.self_attn.v_proj"].get_color() == colour["v_proj"]
+    assert right.get_lines()[0].get_color() == plots.color("random")
+    assert len(right.get_lines()) == 2 * len(energy) + 1  # ΔW, its twin per matrix; the 90% line
 
 
-def test_delta_w_spectrum_figure_is_legible_at_the_book_width():
+def test_delta_w_spectrum_figure_is_legible_in_the_book_and_on_a_slide():
     spectra, energy = _inputs()
     fig = spectrum_plots.delta_w_spectrum_figure(spectra, energy, 1, [0, 1])
     assert plots.smallest_text_pt(fig) >= plots.MIN_TEXT_PT
+    assert plots.deck_smallest_text_px(fig, dpi=100) >= plots.DECK_MIN_TEXT_PX  # as exported
 
 
 def test_delta_w_spectrum_figure_bad_input():

@@ -112,15 +112,27 @@ def test_rank_animation_steps_through_r():
     assert "<img" in html or "data:image" in html
 
 
-def test_figures_and_animation_are_legible_at_the_book_width():
-    """Chapter 4's figures and the animation's frames: every text >= MIN_TEXT_PT in the column."""
+def test_figures_and_animation_are_legible_in_the_book_and_on_a_slide():
+    """Chapter 4's figures and the animation's frames: every text >= MIN_TEXT_PT in the column,
+    and >= DECK_MIN_TEXT_PX in the deck's figure box at the dpi chapter 4 exports them with."""
     long_title = "encoder, stored sweep"
+    panels = ["W_q: A, r=8 vs r=64", "W_q: ΔW, r=8 vs r=64", "W_q: A, seed 0 vs seed 1 (r=8)"]
+    heatmaps = sweep_plots.subspace_heatmaps(
+        {panels[0]: torch.rand(8, 64), panels[1]: torch.rand(8, 64), panels[2]: torch.rand(8, 8)},
+        {panels[0]: ("i, top directions at r = 8", "j, top directions at r = 64"),
+         panels[1]: ("i, top directions at r = 8", "j, top directions at r = 64"),
+         panels[2]: ("i, top directions, seed 0", "j, top directions, seed 1")},
+        "Subspace similarity φ(i, j), encoder block 3, query projection")
     for fig in (sweep_plots.rank_score_figure(_records(), long_title, "held-out accuracy (fraction)"),
                 sweep_plots.params_score_figure(_records(), f"{long_title}: score against trainable "
-                                                "parameters", "held-out accuracy (fraction)")):
+                                                "parameters", "held-out accuracy (fraction)"),
+                heatmaps):
         assert plots.smallest_text_pt(fig) >= plots.MIN_TEXT_PT
+        assert plots.deck_smallest_text_px(fig, dpi=100) >= plots.DECK_MIN_TEXT_PX
     spectra = [torch.ones(r) for r in (1, 2, 4)]
     anim = sweep_plots.rank_animation([1, 2, 4], [0.5, 0.6, 0.65], spectra, full_score=0.7,
                                       ylabel="held-out accuracy (fraction)", layer="block 3, W_q")
     assert plots.smallest_text_pt(anim._fig, tight=False) >= plots.MIN_TEXT_PT  # frames: whole figure
+    # chapter 4 exports the GIF at dpi 90: its frames fit the deck's box unscaled
+    assert plots.deck_smallest_text_px(anim._fig, dpi=90, tight=False) >= plots.DECK_MIN_TEXT_PX
     anim._draw_was_started = True  # built, not shown: no warning when it is collected

@@ -22,7 +22,14 @@ from matplotlib.figure import Figure
 
 from lorabook import config, models
 from lorabook.viz.animations import save_animation
-from lorabook.viz.plots import MIN_TEXT_PT, smallest_text_pt
+from lorabook.viz.plots import (
+    DECK_FIGURE_HEIGHT_PX,
+    DECK_FIGURE_WIDTH_PX,
+    DECK_MIN_TEXT_PX,
+    MIN_TEXT_PT,
+    deck_smallest_text_px,
+    smallest_text_pt,
+)
 
 FIGURES_ENV = "LORABOOK_FIGURES"  # overrides where exported figures go
 MODES = ("gpu", "cpu", "fast")  # run settings, best first: the deck takes the first it finds
@@ -58,9 +65,11 @@ def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 10
 
     Returns the path written, ``figures_dir()/<mode>/<name>.<ext>``, next to ``<name>.json``
     (chapter, name, mode, commit, created, file; for figures and animations the smallest text
-    as the book shows it, ``smallest_text_pt``). ``mode`` defaults to ``LORABOOK_MODE``. A figure
-    whose text would show below ``plots.MIN_TEXT_PT`` at the book's width is refused
-    (ValueError): every chapter's exported figure is checked this way when nbval runs it.
+    as the book shows it, ``smallest_text_pt``, and as a slide of the deck shows the file saved
+    at ``dpi``, ``deck_smallest_text_px``). ``mode`` defaults to ``LORABOOK_MODE``. A figure
+    whose text would show below ``plots.MIN_TEXT_PT`` at the book's width, or below
+    ``plots.DECK_MIN_TEXT_PX`` in the deck's figure box, is refused (ValueError): every
+    chapter's exported figure is checked this way when nbval runs it.
     """
     _check(name, chapter)
     mode = mode or config.get_settings().mode
@@ -75,6 +84,15 @@ def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 10
             raise ValueError(f"{name}: its smallest text shows at {sidecar['smallest_text_pt']} pt in "
                              f"the book's column (below {MIN_TEXT_PT} pt): enlarge that text or "
                              f"narrow the figure ({fig.get_size_inches()[0]:.1f} in wide)")
+        # what the deck shows must be legible too: a slide scales a tall figure to 470 px high
+        sidecar["deck_smallest_text_px"] = round(deck_smallest_text_px(fig, dpi, tight=fig is obj), 2)
+        if sidecar["deck_smallest_text_px"] < DECK_MIN_TEXT_PX:
+            w, h = fig.get_size_inches()
+            raise ValueError(f"{name}: its smallest text shows at {sidecar['deck_smallest_text_px']} "
+                             f"px on a slide (below {DECK_MIN_TEXT_PX} px) when saved at dpi {dpi}: the "
+                             f"deck fits it in {DECK_FIGURE_WIDTH_PX} x {DECK_FIGURE_HEIGHT_PX} px, "
+                             f"so set a tall figure's panels side by side ({w:.1f} x {h:.1f} in "
+                             "now), enlarge its text or raise the dpi")
     folder = figures_dir() / mode
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, Figure):

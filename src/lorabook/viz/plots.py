@@ -64,11 +64,31 @@ def new_figure(figsize: tuple[float, float] = STYLE["figure.figsize"]):
     return plt.figure(figsize=figsize)
 
 
+# Wide figures for the book and the deck (chapter 2): panels side by side, about 12-13.4 in wide
+# and 4.5-5.5 in tall. The book's column shrinks a W-inch figure by 688 / (100 W), so every text
+# needs >= 1.12 W pt (15 pt up to 13.4 in); the deck's 470-px box then shows 15 pt at >= 15 px.
+WIDE_STYLE = {**STYLE, "font.size": 15, "axes.titlesize": 16, "axes.labelsize": 15,
+              "xtick.labelsize": 15, "ytick.labelsize": 15, "legend.fontsize": 15,
+              "figure.titlesize": 17}
+WIDE_TEXT_PT = 15  # the size of annotations and legends set by hand in a WIDE_STYLE figure
+
 PAGE_WIDTH_IN = 11.5  # widest figure whose 13 pt text stays >= ~8 pt at the book's page width
 # A cell output's width in the rendered book, CSS px, at the 1280 x 900 window of the browser test
 # (tests/browser/test_rendered_book.py measures it, so this number cannot go stale silently).
 BOOK_COLUMN_PX = 688
 MIN_TEXT_PT = 8.0  # the smallest text a figure may show at that width
+# The deck's figure box, in slide px: book/slides/conf.py makes a slide 1280 x 720 and
+# book/slides/_static/deck.css caps `img.deck-figure` at `max-height: 470px; max-width: 100%`,
+# 100% of the slide's <section>, which has no padding (1280 px, measured in the built deck).
+# A figure larger than the box is scaled down to fit it; a smaller one is shown at natural size.
+DECK_FIGURE_WIDTH_PX = 1280
+DECK_FIGURE_HEIGHT_PX = 470
+# The smallest text a figure may show on a slide, in slide px (a 1280 x 720 projector shows
+# 0.97 of that: reveal's 3 % margin). The deck's own smallest notes are 12 px (`.deck-cut`, 0.4em
+# of deck.css's 30 px) and 13.5 px (`.deck-source`): a figure's tick labels may be a pixel smaller,
+# not more. 12 px would also refuse figures that read well at 11.6-11.8 px (ch4_rank_sweep,
+# ch4_target_modules, ch5_absmax) and would have to be reworked for a pixel.
+DECK_MIN_TEXT_PX = 11.0
 
 
 def smallest_text_pt(fig, tight: bool = True) -> float:
@@ -91,6 +111,29 @@ def smallest_text_pt(fig, tight: bool = True) -> float:
     if not sizes:
         return float("inf")  # no text: nothing to read
     return min(sizes) * fig.dpi / 72 * scale * 0.75
+
+
+def deck_smallest_text_px(fig, dpi: float, tight: bool = True) -> float:
+    """The smallest text of ``fig`` as a slide of the deck shows it, in slide px (chapter 2).
+
+    ``export`` saves the figure at ``dpi`` with a tight bounding box and savefig's padding (an
+    animation's frames keep the whole figure: ``tight=False``); the deck shows that image at its
+    natural size, or scaled down to fit ``DECK_FIGURE_WIDTH_PX`` x ``DECK_FIGURE_HEIGHT_PX``.
+    A nominal size of s pt is s * dpi / 72 image pixels, times that scale.
+    """
+    from matplotlib.text import Text
+
+    if tight:
+        box = fig.get_tightbbox(fig._get_renderer())
+        pad = 2 * mpl.rcParams["savefig.pad_inches"]
+        width_in, height_in = box.width + pad, box.height + pad
+    else:
+        width_in, height_in = fig.get_size_inches()
+    scale = min(1.0, DECK_FIGURE_WIDTH_PX / (width_in * dpi), DECK_FIGURE_HEIGHT_PX / (height_in * dpi))
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    if not sizes:
+        return float("inf")  # no text: nothing to read
+    return min(sizes) * dpi / 72 * scale
 
 
 def panel_grid(fig, n: int, cols: int = 2, **subplots_kw):

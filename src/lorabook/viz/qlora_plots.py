@@ -22,7 +22,16 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lorabook.qlora import ARCHITECTURES, TARGETS, Architecture, memory_budget, parameter_counts
-from lorabook.viz.plots import PALETTE, STYLE, color, legend_in, new_figure, panel_grid
+from lorabook.viz.plots import (
+    PALETTE,
+    STYLE,
+    WIDE_STYLE,
+    WIDE_TEXT_PT,
+    color,
+    legend_in,
+    new_figure,
+    panel_grid,
+)
 from lorabook.viz.quant_plots import FORMAT_COLORS
 
 GiB = 2**30
@@ -170,10 +179,11 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
     if not lora:
         raise ValueError("rank_figure needs LoRA records (method 'lora') with a rank r")
     full = [r for r in records if r.get("method") == "full"]
-    # two panels a row (plots.panel_grid): legible at the page's width and on a slide
-    cols = 1 if len(metrics) == 1 else 2
-    fig = new_figure((5.6 * cols, 4.4 * math.ceil(len(metrics) / cols)))
-    with mpl.rc_context(STYLE):
+    # side by side, three a row, in WIDE_STYLE: legible in the book's column and on a slide
+    cols = min(3, len(metrics))
+    n_rows = math.ceil(len(metrics) / cols)
+    fig = new_figure((4.2 * cols + 0.3, 4.3 * n_rows + 1.5))
+    with mpl.rc_context(WIDE_STYLE):
         axes, spare = panel_grid(fig, len(metrics), cols)
         ranks = sorted({r["r"] for r in lora})
         for ax, (key, (label, div)) in zip(axes, metrics.items(), strict=True):
@@ -189,13 +199,20 @@ def rank_figure(records: Sequence[Mapping], metrics: Mapping[str, tuple[str, flo
             ax.set_xscale("log", base=2)
             ax.set_xticks(ranks, [str(k) for k in ranks])
             ax.minorticks_off()
+            ax.yaxis.set_major_locator(mticker.MaxNLocator(5))
             ax.set_xlabel("rank r (log scale)")
             ax.set_ylabel(label)
             ax.set_ylim(bottom=0)  # from 0: a truncated axis magnifies single-seed differences
             ax.set_title(label.split(" (")[0].capitalize())
-        legend_in(fig, axes[0], spare)
+        handles, labels = axes[0].get_legend_handles_labels()
+        if spare:
+            legend_in(fig, axes[0], spare, fontsize=WIDE_TEXT_PT)
+        else:  # under the panels
+            fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 3),
+                       frameon=False, fontsize=WIDE_TEXT_PT)
         fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0 if spare else 0.1, 1, 1))
+        legend_rows = 0 if spare else math.ceil(len(labels) / 3)
+        fig.tight_layout(rect=(0, (0.1 + 0.35 * legend_rows) / fig.get_size_inches()[1], 1, 1))
     return fig
 
 

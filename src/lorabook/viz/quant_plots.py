@@ -19,7 +19,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorabook.quant.nf4 import blockwise_scale
-from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, legend_in, new_figure, panel_grid
+from lorabook.viz.plots import (
+    PALETTE,
+    SEQUENCE,
+    STYLE,
+    WIDE_STYLE,
+    WIDE_TEXT_PT,
+    new_figure,
+    panel_grid,
+)
 
 FORMAT_COLORS = {"fp32": PALETTE["base"], "bf16": PALETTE["random"], "nf4": PALETTE["nf4"],
                  "nf4+dq": PALETTE["nf4"], "fp4": PALETTE["fp4"], "int4": "#B8A200"}  # int4 darker
@@ -118,13 +126,16 @@ def weight_histograms(groups: Mapping[str, torch.Tensor | Sequence[torch.Tensor]
 
 
 def quantile_figure(p_pos, p_neg, codebook) -> Figure:
-    """How NF4's levels come from N(0, 1) quantiles: the CDF (top), the 16 levels (bottom) (chapter 5)."""
+    """How NF4's levels come from N(0, 1) quantiles: the CDF (left), the 16 levels (right) (chapter 5).
+
+    Side by side in ``plots.WIDE_STYLE``: legible in the book's column and on a slide.
+    """
     p_pos, p_neg, c = _vector(p_pos, "p_pos"), _vector(p_neg, "p_neg"), _codebook(codebook)
     q_pos = _np(torch.special.ndtri(torch.as_tensor(p_pos)))
     q_neg = -_np(torch.special.ndtri(torch.as_tensor(p_neg)))
-    fig = new_figure((9, 9))  # stacked: legible at the page's width (plots.MIN_TEXT_PT)
-    with mpl.rc_context(STYLE):
-        left, right = fig.subplots(2, 1)
+    fig = new_figure((12.6, 5.2))
+    with mpl.rc_context(WIDE_STYLE):
+        left, right = fig.subplots(1, 2)
         z = np.linspace(-2.6, 2.6, 400)
         cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
         left.plot(z, cdf, color="black", lw=2, label="Φ(z), CDF of N(0, 1)")
@@ -135,24 +146,26 @@ def quantile_figure(p_pos, p_neg, codebook) -> Figure:
             left.plot(q, p, "o", color=colour, label=label)
         left.plot([0], [0.5], "s", color=PALETTE["nf4"], ms=9, label="exact zero")
         left.set_xlim(-2.6, 2.6)
+        left.set_xticks([-2, -1, 0, 1, 2])
         left.set_title("Step 1: quantiles of N(0, 1)")
         left.set_xlabel("z (standard deviations)")
         left.set_ylabel("probability Φ(z)")
-        left.legend(loc="upper left", fontsize=12)
+        left.legend(loc="upper left", fontsize=WIDE_TEXT_PT - 1, handlelength=1.2)
         pdf_x = np.linspace(-1, 1, 400)
         scale = max(q_pos.max(), -q_neg.min())
-        right.fill_between(pdf_x, np.exp(-(pdf_x * scale) ** 2 / 2), color="0.9",
-                           label="N(0, 1) rescaled to [-1, 1]")
+        right.fill_between(pdf_x, np.exp(-(pdf_x * scale) ** 2 / 2), color="0.9")
         colours = [PALETTE["full"] if v < 0 else PALETTE["lora"] if v > 0 else PALETTE["nf4"]
                    for v in c]
         right.vlines(c, 0, 1, colors=colours, lw=2)
-        for i, v in enumerate(c):
-            right.annotate(str(i), (v, 1.02), ha="center", fontsize=12)
-        right.set_ylim(0, 1.14)
-        right.set_title("Step 2: divide by the largest: 16 levels")
-        right.set_xlabel("normalised value (code index above each level)")
-        right.set_ylabel("N(0, 1) density (relative)")
-        right.legend(loc="lower center", fontsize=12)
+        for i, v in enumerate(c):  # two rows of indices: neighbours near zero do not overlap
+            right.annotate(str(i), (v, 1.02 + 0.1 * (i % 2)), ha="center", fontsize=WIDE_TEXT_PT)
+        right.set_ylim(0, 1.24)
+        right.set_yticks([0, 0.5, 1])
+        right.set_xticks([-1, -0.5, 0, 0.5, 1])
+        right.grid(axis="x", visible=False)
+        right.set_title("Step 2: divide by the largest: 16 levels", pad=4)
+        right.set_xlabel("normalised value (code index above)")
+        right.set_ylabel("N(0, 1) rescaled: density (grey)")
         fig.tight_layout()
     return fig
 
@@ -282,16 +295,18 @@ def error_figure(tables: Mapping[str, Sequence[Mapping[str, float]]], value: str
 
     ``tables`` maps a panel title to ``compare.error_table`` rows; ``anchors`` ({quant_type:
     {blocksize: error}}, e.g. bitsandbytes' published figures) are marked on the first panel.
-    Two panels a row (``plots.panel_grid``), one legend for all, in a free cell if there is one.
+    Up to three panels side by side (more wrap, three a row), one error scale, one legend under
+    them: ``plots.WIDE_STYLE``, legible in the book's column and on a slide.
     """
     if not tables:
         raise ValueError("error_figure needs at least one table")
-    cols = min(2, len(tables))
+    cols = min(3, len(tables))
     n_rows = -(-len(tables) // cols)
-    legend_under = len(tables) > 1 and len(tables) % cols == 0  # no free cell: under the panels
-    fig = new_figure((4.7 * cols + 0.6, 4.2 * n_rows + (0.6 if legend_under else 0)))
-    with mpl.rc_context(STYLE):
+    fig = new_figure((4.2 * cols + 0.6, 4.3 * n_rows + 0.7))
+    with mpl.rc_context(WIDE_STYLE):
         axes, spare = panel_grid(fig, len(tables), cols, sharey=True)
+        for ax in spare:
+            ax.remove()
         for k, (ax, (title, rows)) in enumerate(zip(axes, tables.items(), strict=True)):
             for qt in dict.fromkeys(r["quant_type"] for r in rows):
                 pts = sorted((r["blocksize"], r[value]) for r in rows if r["quant_type"] == qt)
@@ -302,32 +317,36 @@ def error_figure(tables: Mapping[str, Sequence[Mapping[str, float]]], value: str
                     ax.plot(list(points), list(points.values()), "x", color="black", ms=11, mew=2.5,
                             label="bitsandbytes' tests" if i == 0 else None)
             ax.set_xscale("log", base=2)
-            ax.set_title(title)
-            ax.set_xlabel("blocksize (values per absmax)")
+            sizes = sorted({r["blocksize"] for r in rows})
+            ticks = sizes[1::2] if len(sizes) > 4 else sizes  # every other one: each legible
+            ax.set_xticks(ticks, [str(b) for b in ticks])
+            ax.minorticks_off()
+            ax.set_title(title, fontsize=WIDE_TEXT_PT)
+            ax.set_xlabel("blocksize (values / absmax)")
             if k % cols == 0:
                 ax.set_ylabel(ylabel)
-        if len(axes) == 1:
-            axes[0].legend(fontsize=12)
-        else:
-            legend_in(fig, axes[0], spare)
-        fig.tight_layout(rect=(0, 0.1 if legend_under else 0, 1, 1))
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncols=len(labels), frameon=False,
+                   fontsize=WIDE_TEXT_PT)
+        fig.tight_layout(rect=(0, 0.55 / fig.get_size_inches()[1], 1, 1))
     return fig
 
 
 def format_figure(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, str]) -> Figure:
     """Bars per storage format: model size, then each metric ({row key: axis label}) (chapter 5).
 
-    Two panels a row (``plots.panel_grid``): legible at the page's width.
+    Up to three panels side by side (more wrap, three a row) in ``plots.WIDE_STYLE``: legible
+    in the book's column and on a slide.
     """
     if not rows:
         raise ValueError("format_figure needs at least one row")
     names = [r["format"] for r in rows]
     colours = [FORMAT_COLORS.get(n, "0.5") for n in names]
     panels = {"model_bytes": "model size (MB)", **metrics}
-    cols = min(2, len(panels))
+    cols = min(3, len(panels))
     n_rows = -(-len(panels) // cols)
-    fig = new_figure((4.6 * cols + 0.4, 4.4 * n_rows))
-    with mpl.rc_context(STYLE):
+    fig = new_figure((4.2 * cols + 0.4, 4.6 * n_rows + 0.4))
+    with mpl.rc_context(WIDE_STYLE):
         axes, spare = panel_grid(fig, len(panels), cols)
         for ax, (key, label) in zip(axes, panels.items(), strict=True):
             vals = [r[key] / 1e6 if key == "model_bytes" else r[key] for r in rows]
@@ -335,12 +354,14 @@ def format_figure(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, str])
                           hatch=["//" if n == "nf4+dq" else "" for n in names])
             for b, v in zip(bars, vals, strict=True):
                 ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=12)
-            ax.margins(y=0.1)  # room for the value over the tallest bar (bars keep 0 at the bottom)
+                            ha="center", va="bottom", fontsize=WIDE_TEXT_PT)
+            ax.margins(y=0.12)  # room for the value over the tallest bar (bars keep 0 at the bottom)
             ax.set_title(label.split(" (")[0])
             ax.set_ylabel(label)
-            ax.set_xlabel("storage format of the linear layers")
-            ax.tick_params(axis="x", rotation=30)
+            ax.set_xlabel("storage format of W0")
+            ax.tick_params(axis="x", rotation=40)
+            for tick in ax.get_xticklabels():  # anchored at the bar: neighbours do not overlap
+                tick.set(ha="right", rotation_mode="anchor")
             ax.grid(axis="x", visible=False)
         for ax in spare:
             ax.remove()

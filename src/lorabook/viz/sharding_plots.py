@@ -13,7 +13,7 @@ import matplotlib as mpl
 import matplotlib.ticker as mticker
 from matplotlib.figure import Figure
 
-from lorabook.viz.plots import STYLE, legend_in, new_figure, panel_grid
+from lorabook.viz.plots import WIDE_STYLE, WIDE_TEXT_PT, new_figure
 from lorabook.viz.qlora_plots import METHOD_NAMES, METHODS
 
 GPU_LINES = {"80 GB GPU": 80 * 1e9 / 2**30, "16 GB GPU": 16 * 1e9 / 2**30}  # GiB; vendors count GB
@@ -26,15 +26,19 @@ def gpu_counts(row: Mapping) -> dict[int, float]:
 
 
 def per_gpu_figure(rows: Sequence[Mapping], title: str = "Training memory per GPU under FSDP") -> Figure:
-    """GiB per GPU against GPUs, one panel per method, one line per model (chapter 9)."""
+    """GiB per GPU against GPUs, one panel per method, one line per model (chapter 9).
+
+    The panels side by side on one GiB scale, one legend under them (``plots.WIDE_STYLE``):
+    legible in the book's column and on a slide.
+    """
     if not rows:
         raise ValueError("per_gpu_figure needs the rows of sharding.budget_table")
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig = new_figure((11, 8))
-    with mpl.rc_context(STYLE):
-        panels, spare = panel_grid(fig, len(methods), cols=2)
-        for ax, method in zip(panels, methods, strict=True):
+    fig = new_figure((4.1 * len(methods) + 0.4, 6.0))
+    with mpl.rc_context(WIDE_STYLE):
+        panels = list(fig.subplots(1, len(methods), sharey=True, squeeze=False)[0])
+        for k, (ax, method) in enumerate(zip(panels, methods, strict=True)):
             for i, model in enumerate(models):
                 row = next((r for r in rows if r["model"] == model and r["method"] == method), None)
                 if row is None:
@@ -48,10 +52,16 @@ def per_gpu_figure(rows: Sequence[Mapping], title: str = "Training memory per GP
             ax.set_yscale("log")
             ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(mticker.NullFormatter())  # decades only: few labels
             ax.set_xlabel("GPUs (FSDP full shard)")
-            ax.set_ylabel("GiB per GPU (log)")
+            if k == 0:
+                ax.set_ylabel("GiB per GPU (log)")
             ax.set_title(METHOD_NAMES[method])
-        legend_in(fig, panels[0], spare, fontsize=12)
+        handles, labels = panels[0].get_legend_handles_labels()
+        ncols = 4
+        fig.legend(handles, labels, loc="lower center", ncols=ncols, frameon=False,
+                   fontsize=WIDE_TEXT_PT)
         fig.suptitle(title)
-        fig.tight_layout()
+        legend_in_rows = -(-len(labels) // ncols)
+        fig.tight_layout(rect=(0, (0.1 + 0.33 * legend_in_rows) / fig.get_size_inches()[1], 1, 1))
     return fig

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib as mpl
+import matplotlib.ticker as mticker
 import numpy as np
 import torch
 from matplotlib import animation
@@ -20,7 +21,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorabook.results import summarize
-from lorabook.viz.plots import PALETTE, SEQUENCE, STYLE, legend_in, new_figure, panel_grid
+from lorabook.viz.plots import (
+    PALETTE,
+    SEQUENCE,
+    STYLE,
+    WIDE_STYLE,
+    WIDE_TEXT_PT,
+    legend_in,
+    new_figure,
+    panel_grid,
+)
 
 TARGET_COLORS = {"q": SEQUENCE[5], "qv": PALETTE["lora"], "attn": SEQUENCE[2], "all": SEQUENCE[4]}
 TARGET_NAMES = {"q": "W_q", "qv": "W_q, W_v", "attn": "attention (q, k, v, o)",
@@ -183,14 +193,16 @@ def subspace_heatmaps(grids: Mapping[str, Any], axis_labels: Mapping[str, tuple[
     missing = [name for name in grids if name not in axis_labels]
     if missing:
         raise ValueError(f"axis_labels lacks {missing}")
-    cols = min(2, len(grids))  # two a row: the labels stay legible at the page's width
+    cols = min(3, len(grids))  # side by side, three a row: legible in the book and on a slide
     rows = -(-len(grids) // cols)
-    fig = new_figure((5.2 * cols + 1.3, 4.7 * rows))
-    with mpl.rc_context(STYLE):
+    fig = new_figure((3.8 * cols + 1.5, 4.3 * rows + 0.8))
+    with mpl.rc_context(WIDE_STYLE):
         axes, spare = panel_grid(fig, len(grids), cols)
         for ax in spare:
             ax.remove()
-        fig.subplots_adjust(hspace=0.45, wspace=0.3)  # room for each row's x label
+        top = 1 - 0.8 / fig.get_size_inches()[1]  # room for the title
+        fig.subplots_adjust(left=0.07, right=0.88, bottom=0.16 / rows, top=top, hspace=0.5,
+                            wspace=0.4)
         for ax, (name, grid) in zip(axes, grids.items(), strict=True):
             g = _np(grid)
             if g.ndim != 2:
@@ -198,12 +210,14 @@ def subspace_heatmaps(grids: Mapping[str, Any], axis_labels: Mapping[str, tuple[
             image = ax.imshow(g, cmap="viridis", vmin=0, vmax=1, aspect="auto",
                               origin="lower", interpolation="nearest",
                               extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
-            ax.set_title(name, fontsize=14)
+            ax.set_title(name, fontsize=WIDE_TEXT_PT)
             ax.set_ylabel(axis_labels[name][0])
             ax.set_xlabel(axis_labels[name][1])
+            ax.xaxis.set_major_locator(mticker.MaxNLocator(4, integer=True))
+            ax.yaxis.set_major_locator(mticker.MaxNLocator(4, integer=True))
             ax.grid(False)
-        bar = fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.03)
-        bar.set_label("φ(i, j), subspace similarity (0 to 1)")
+        bar = fig.colorbar(image, cax=fig.add_axes((0.9, 0.16 / rows, 0.015, top - 0.16 / rows)))
+        bar.set_label("φ(i, j), subspace similarity")
         fig.suptitle(title)
     return fig
 
@@ -231,7 +245,7 @@ def rank_frames(ranks: Sequence[int], scores: Sequence[float], spectra: Sequence
         caption = f"r = {r}: score {score:.3f}"
         if full_score is not None:
             caption += f" (full fine-tuning {full_score:.3f})"
-        caption += f"\nthe top direction holds {top1:.0%} of ‖ΔW‖²"  # two lines: a narrow figure
+        caption += f"; the top direction holds {top1:.0%} of ‖ΔW‖²"  # one line: a wide figure
         frames.append({"rank": r, "score": score, "ranks": ranks[: k + 1],
                        "scores": scores[: k + 1], "sigma": sigma, "top1": top1,
                        "caption": caption})
@@ -241,20 +255,21 @@ def rank_frames(ranks: Sequence[int], scores: Sequence[float], spectra: Sequence
 def rank_animation(ranks: Sequence[int], scores: Sequence[float], spectra: Sequence[Any],
                    full_score: float | None = None, ylabel: str = "held-out score",
                    layer: str = "", interval_ms: int = 1200) -> animation.FuncAnimation:
-    """Step through r: the score so far (top) and delta_W's spectrum at this r (bottom) (chapter 4).
+    """Step through r: the score so far (left) and delta_W's spectrum at this r (right) (chapter 4).
 
-    The panels are stacked, 9 inches wide: every text stays >= ``plots.MIN_TEXT_PT`` when a
-    frame is scaled to the book's column.
+    The panels sit side by side, 12.6 x 5 in, in ``plots.WIDE_STYLE``: every text stays >=
+    ``plots.MIN_TEXT_PT`` when a frame is scaled to the book's column, and a GIF saved at dpi
+    <= 94 fits the deck's 470-px box unscaled (15 pt at dpi 90 is 19 px).
     """
     frames = rank_frames(ranks, scores, spectra, full_score)
     ranks = frames[-1]["ranks"]
     top = max(float(f["sigma"].max()) for f in frames) * 2
     low = min(float(f["sigma"][f["sigma"] > 0].min()) for f in frames if (f["sigma"] > 0).any()) / 2 \
         if any((f["sigma"] > 0).any() for f in frames) else 1e-6
-    with mpl.rc_context(STYLE):
-        fig = Figure(figsize=(9, 10), dpi=100)
+    with mpl.rc_context(WIDE_STYLE):
+        fig = Figure(figsize=(12.6, 5), dpi=100)
         FigureCanvasAgg(fig)  # no pyplot: the animation is not also shown as a still figure
-        ax_s, ax_v = fig.subplots(2, 1)
+        ax_s, ax_v = fig.subplots(1, 2)
         values = [*frames[-1]["scores"], *([full_score] if full_score is not None else [])]
         pad = max(0.02, 0.1 * (max(values) - min(values)))
         ax_s.set_ylim(min(values) - pad, max(values) + pad)
@@ -265,16 +280,17 @@ def rank_animation(ranks: Sequence[int], scores: Sequence[float], spectra: Seque
         _log2_ranks(ax_s, ranks)
         ax_s.set_xlim(ranks[0] / 1.5, ranks[-1] * 1.5)
         ax_s.set(xlabel="LoRA rank r (log scale)", ylabel=ylabel, title="score against r")
-        ax_s.legend(loc="lower right", fontsize=12)
+        ax_s.yaxis.set_major_locator(mticker.MaxNLocator(5))
+        ax_s.legend(loc="lower right", fontsize=WIDE_TEXT_PT)
         ghosts = [ax_v.plot([], [], "o-", color=PALETTE["random"], lw=1, ms=3, alpha=0.5)[0]
                   for _ in frames]
         (spec,) = ax_v.plot([], [], "o-", color=PALETTE["lora"], ms=5)
         ax_v.set(xscale="log", yscale="log", xlim=(0.8, ranks[-1] * 1.25), ylim=(low, top),
-                 xlabel="index i of the singular value (log scale)",
-                 ylabel="σ_i of ΔW = scaling · B A (weight units)",
+                 xlabel="index i of σ_i (log scale)",
+                 ylabel="σ_i of ΔW (weight units)",
                  title=f"spectrum of the learned ΔW{', ' + layer if layer else ''}")
-        title = fig.suptitle("", fontsize=15)
-        fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the caption's two lines
+        title = fig.suptitle("", fontsize=WIDE_TEXT_PT + 1)
+        fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the caption
 
     def update(i: int):
         f = frames[i]
