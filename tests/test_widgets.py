@@ -116,3 +116,19 @@ def test_static_pages_get_a_figure_and_no_widget(monkeypatch):
 def test_live_pages_get_the_widget(monkeypatch):
     monkeypatch.setenv(widgets.WIDGETS_ENV, "on")
     assert isinstance(widgets.rank_explorer(_delta(), max_size=16), ipywidgets.VBox)
+
+
+def test_static_views_are_legible_in_the_book_column(monkeypatch):
+    """The static figures follow lorabook.viz.export's rule: no text under 8 pt in the column."""
+    from matplotlib.figure import Figure
+
+    from lorabook.viz.plots import MIN_TEXT_PT
+
+    monkeypatch.setenv(widgets.WIDGETS_ENV, "off")
+    views = [widgets.rank_explorer(_delta(), ranks=(1, 2, 4, 6), max_size=16),
+             widgets.quantizer_explorer(torch.randn(32, 64))]
+    assert all(v.smallest_text_pt >= MIN_TEXT_PT for v in views)
+    wide = Figure(figsize=(16, 4))
+    wide.add_subplot().set_title("a title", fontsize=9)
+    with pytest.raises(ValueError, match="smallest text shows at"):
+        widgets.StaticView(wide, "too wide for the column")

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from lorabook import analysis
 from lorabook.quant import ALLOWED_BLOCKSIZES, QUANT_TYPES, bits_per_parameter, quantize_4bit
 from lorabook.quant.compare import quantization_error
-from lorabook.viz.plots import DIVERGING, PALETTE
+from lorabook.viz.plots import DIVERGING, MIN_TEXT_PT, PALETTE, smallest_text_pt
 
 WIDGETS_ENV = "LORABOOK_WIDGETS"  # "on" / "off" force the live widget or the static figure
 
@@ -81,11 +81,12 @@ def rank_state(delta_W: torch.Tensor, r: int, max_size: int = 64) -> dict:
 
 def _rank_figure(states: Sequence[dict], errors: np.ndarray, title: str) -> Figure:
     n = len(states) + 2  # delta_W, one heatmap per state, the error curve
-    cols = n if n <= 3 else 3
+    cols = min(n, 2)  # two a row: the book's column is 688 px wide (plots.BOOK_COLUMN_PX)
     rows = -(-n // cols)
-    fig = _figure((4.6 * cols, 4.1 * rows + 0.6))
-    grid = fig.add_gridspec(rows, cols, wspace=0.35, hspace=0.55, left=0.07, right=0.98,
-                            top=1 - 0.9 / (4.1 * rows + 0.6), bottom=0.6 / (4.1 * rows + 0.6))
+    height = 3.9 * rows + 0.7
+    fig = _figure((4.2 * cols, height))
+    grid = fig.add_gridspec(rows, cols, wspace=0.45, hspace=0.45, left=0.12, right=0.97,
+                            top=1 - 0.9 / height, bottom=0.6 / height)
     scale = float(np.abs(states[0]["target"]).max()) or 1.0
     panels = [("ΔW (top-left block)", states[0]["target"])]
     panels += [(f"rank {s['r']}: error {s['error']:.0%}", s["approx"]) for s in states]
@@ -94,9 +95,9 @@ def _rank_figure(states: Sequence[dict], errors: np.ndarray, title: str) -> Figu
         ax.imshow(block, cmap=DIVERGING, vmin=-scale, vmax=scale, aspect="auto",
                   interpolation="nearest")
         ax.set_title(label, fontsize=13)
-        ax.set_xlabel("input feature (index)", fontsize=11)
-        ax.set_ylabel("output feature (index)", fontsize=11)
-        ax.tick_params(labelsize=9)
+        ax.set_xlabel("input feature (index)", fontsize=12)
+        ax.set_ylabel("output feature (index)", fontsize=12)
+        ax.tick_params(labelsize=11)
     ax = fig.add_subplot(grid[(n - 1) // cols, (n - 1) % cols])
     ranks = np.arange(1, len(errors) + 1)
     ax.plot(ranks, errors, color=PALETTE["lora"], lw=2)
@@ -107,8 +108,9 @@ def _rank_figure(states: Sequence[dict], errors: np.ndarray, title: str) -> Figu
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("rank r (log scale)", fontsize=11)
-    ax.set_ylabel("‖ΔW − ΔW_r‖_F / ‖ΔW‖_F", fontsize=11)
+    ax.set_xlabel("rank r (log scale)", fontsize=12)
+    ax.set_ylabel("‖ΔW − ΔW_r‖_F / ‖ΔW‖_F", fontsize=12)
+    ax.tick_params(labelsize=11)
     ax.set_title("relative error of the best rank r", fontsize=13)
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=15)
@@ -181,8 +183,8 @@ def quantizer_table(W: torch.Tensor, blocksizes: Sequence[int] = ALLOWED_BLOCKSI
 
 def _quantizer_figure(rows: Sequence[dict], numel: int, title: str,
                       selected: dict | None = None) -> Figure:
-    fig = _figure((14, 5))
-    ax_err, ax_bits = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig = _figure((8, 10))  # stacked: the book's column is 688 px wide (plots.BOOK_COLUMN_PX)
+    ax_err, ax_bits = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     for qt in dict.fromkeys(r["quant_type"] for r in rows):
         for dq, ls in ((False, "-"), (True, "--")):
             sel = [r for r in rows if r["quant_type"] == qt and r["double_quant"] == dq]
@@ -203,14 +205,18 @@ def _quantizer_figure(rows: Sequence[dict], numel: int, title: str,
         ax.minorticks_off()
         ax.set_xlabel("blocksize (weights per absmax, log scale)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
+        ax.tick_params(labelsize=11)
+        ax.xaxis.label.set_fontsize(12)
+        ax.yaxis.label.set_fontsize(12)
+        ax.legend(fontsize=11, ncols=3 if ax is ax_err else 1)
     ax_err.set_ylabel("mean |W − Q(W)| / std(W)")
     ax_err.set_title("round-trip error (dashed: with double quantization)")
     ax_bits.set_ylabel("bits per weight (codes + absmax)")
     ax_bits.set_title(f"storage: {numel:,} weights")
     kib = ax_bits.secondary_yaxis("right", functions=(lambda b: b * numel / 8 / 1024,
                                                       lambda k: k * 1024 * 8 / numel))
-    kib.set_ylabel("KiB for this matrix")
+    kib.set_ylabel("KiB for this matrix", fontsize=12)
+    kib.tick_params(labelsize=11)
     fig.suptitle(title, fontsize=14)
     fig.tight_layout()
     return fig
@@ -283,6 +289,11 @@ class StaticView:
     """A pre-rendered figure with a note, shown as HTML (an <img> with the PNG inline) (chapter 2)."""
 
     def __init__(self, figure: Figure, note: str, dpi: int = 80):
+        self.smallest_text_pt = smallest_text_pt(figure, tight=False, dpi=dpi)
+        if self.smallest_text_pt < MIN_TEXT_PT:  # the rule lorabook.viz.export applies
+            raise ValueError(f"{figure.get_suptitle() or note!r}: its smallest text shows at "
+                             f"{self.smallest_text_pt:.1f} pt in the book's column (below "
+                             f"{MIN_TEXT_PT} pt): enlarge that text or narrow the figure")
         self.png = _png(figure, dpi)
         self.note = note
         self.alt = figure.get_suptitle() or note

@@ -91,26 +91,27 @@ DECK_FIGURE_HEIGHT_PX = 470
 DECK_MIN_TEXT_PX = 11.0
 
 
-def smallest_text_pt(fig, tight: bool = True) -> float:
+def smallest_text_pt(fig, tight: bool = True, dpi: float | None = None) -> float:
     """The smallest text of ``fig`` as the book shows it, in CSS points (chapter 1).
 
     The inline backend saves a figure at ``fig.dpi`` with a tight bounding box (an animation's
-    frames keep the whole figure: ``tight=False``); the page shows it at its natural size, or
-    scaled down to ``BOOK_COLUMN_PX`` when wider. A nominal size of
-    s pt is then s * dpi / 72 image pixels, times that scale, at 0.75 pt per CSS px. Only
-    visible, non-empty texts count (titles, labels, tick labels, legends, annotations).
+    frames keep the whole figure: ``tight=False``; a PNG saved at another ``dpi`` says so);
+    the page shows it at its natural size, or scaled down to ``BOOK_COLUMN_PX`` when wider. A
+    nominal size of s pt is then s * dpi / 72 image pixels, times that scale, at 0.75 pt per CSS
+    px. Only visible, non-empty texts count (titles, labels, tick labels, legends, annotations).
     """
     from matplotlib.text import Text
 
+    dpi = fig.dpi if dpi is None else dpi
     renderer = fig._get_renderer()  # what tight_layout uses; works for a bare Figure too
     width_in = fig.get_tightbbox(renderer).width if tight else fig.get_size_inches()[0]
-    width_px = width_in * fig.dpi
+    width_px = width_in * dpi
     scale = min(1.0, BOOK_COLUMN_PX / width_px)
     # tick labels of ticks outside the view count too: they share the drawn ones' size
     sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     if not sizes:
         return float("inf")  # no text: nothing to read
-    return min(sizes) * fig.dpi / 72 * scale * 0.75
+    return min(sizes) * dpi / 72 * scale * 0.75
 
 
 def deck_smallest_text_px(fig, dpi: float, tight: bool = True) -> float:
