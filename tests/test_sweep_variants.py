@@ -80,6 +80,7 @@ def test_vera_runs_through_run_one(tiny_runs, model_name):
     ({"variant": "adalora"}, "variant must be one of"),
     ({"variant": "loftq"}, "base must be 'nf4'"),
     ({"variant": "vera", "base": "nf4"}, "float base"),
+    ({"variant": "dora", "base": "nf4", "dense_base": True}, "dense_base must be None"),
 ])
 def test_bad_variant_specs(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -237,6 +237,9 @@ def _check_variant(spec: RunSpec) -> None:
     if spec.method != "lora":
         raise ValueError(f"variant {spec.variant!r} modifies a LoRA run: method must be 'lora', "
                          f"got {spec.method!r}")
+    if spec.dense_base:
+        raise ValueError(f"variant {spec.variant!r} trains on the 4-bit codes: dense_base must "
+                         "be None (the QLoRA grid's dense_base runs are plain LoRA)")
     if spec.variant == "loftq" and spec.base != "nf4":
         raise ValueError(f"LoftQ initialises for an NF4 base: base must be 'nf4', got {spec.base!r}")
     if spec.variant in ("vera", "loraplus") and spec.base != "float":
@@ -310,6 +313,13 @@ def load_base(spec: RunSpec, dtype: torch.dtype | None = None):
     return models.load_lm(dtype=dtype)
 
 
+def _quantize_base(model: torch.nn.Module, spec: RunSpec) -> None:
+    """W0 in the spec's 4-bit base (NF4 with double quantization, FP4 or Int4), in place; the
+    classifier head stays float (chapters 6-8)."""
+    quantize_model(model, blocksize=64, double_quant=spec.base == "nf4", quant_type=spec.base,
+                   skip=(HEAD[spec.model],))
+
+
 def prepare_model(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
     """Make the spec's parameters trainable, in place: all, or LoRA on a float/4-bit W0 (chapter 4).
 
@@ -333,8 +343,7 @@ def prepare_model(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
     if spec.variant is not None:
         return _prepare_variant(model, spec)
     if spec.base != "float":
-        quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
-                       quant_type=spec.base, skip=(HEAD[spec.model],))
+        _quantize_base(model, spec)
         if spec.dense_base:  # Q(W0) once, as a frozen dense weight: same function, LoRA's cost
             qlora.dequantize_model(model)
         else:
@@ -362,14 +371,12 @@ def _prepare_variant(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
                           modules_to_save=head)
     init = {"pissa": "pissa", "loftq": "loftq"}.get(spec.variant, True)
     if spec.base != "float" and init is True:  # DoRA on a 4-bit base: quantize W0 first
-        quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
-                       quant_type=spec.base, skip=(HEAD[spec.model],))
+        _quantize_base(model, spec)
     apply_lora(model, targets, r=spec.r, alpha=spec.alpha, use_rslora=spec.scaling == "rslora",
                modules_to_save=head, use_dora=spec.variant == "dora", init_lora_weights=init,
                loftq_config={"loftq_bits": 4, "loftq_iter": LOFTQ_ITER} if init == "loftq" else None)
     if spec.base != "float" and init is not True:  # QPiSSA, LoftQ: quantize the new W0
-        quantize_model(model, blocksize=64, double_quant=spec.base == "nf4",
-                       quant_type=spec.base, skip=(HEAD[spec.model],))
+        _quantize_base(model, spec)
     if spec.base != "float":
         qlora.recompute_in_backward(model)
     return model
