@@ -119,19 +119,46 @@ def test_ledger_rows_from_a_file(tmp_path):
     assert evidence.record_path("lm", tmp_path) == path
 
 
+def test_a_grid_in_two_files_is_read_as_one(tmp_path):
+    """A grid begun on a GPU and continued on a CPU (record --lr-from): both files, GPU first."""
+    full = {"method": "full"}
+    lora = {"method": "lora", "r": 8, "targets": "all", "scaling": "rslora"}
+    gpu = _file(tmp_path, [({**full, "seed": 0}, "1111011110"), ({**lora, "seed": 0}, "1111011100")])
+    gpu = gpu.rename(tmp_path / "lm_record_gpu.jsonl")
+    cpu = _file(tmp_path, [({**full, "seed": 1, "key": "f1"}, "1111111110"),
+                           ({**lora, "seed": 1, "key": "l1"}, "1111000000")])
+    assert evidence.record_paths("lm", tmp_path) == [gpu, cpu]
+    assert evidence.record_path("lm", tmp_path) == gpu
+    _, runs = evidence.test_runs([gpu, cpu])
+    assert len([r for r in runs if r["method"] != "constant"]) == 4
+    row = evidence.ledger({"lm": [gpu, cpu]}, {"lm": (evidence.LM_CLAIMS[2],)}).iloc[0]
+    assert (row["A"], row["B"], row["seeds"]) == (0.55, 0.85, 2)
+    assert row["file"] == "lm_record_gpu.jsonl + lm_record.jsonl"
+    # the same key in both files counts once (the GPU file's); another setting is refused
+    _, twice = evidence.test_runs([gpu, gpu])
+    assert len(twice) == len(evidence.test_runs(gpu)[1])
+    from lorabook.config import get_settings
+
+    other = tmp_path / "other" / "lm_record.jsonl"
+    open_results(other, get_settings("cpu"))
+    append_record(other, {"key": "x", "split": None, "per_example": "1", "method": "full"})
+    with pytest.raises(ValueError, match="not one grid"):
+        evidence.test_runs([gpu, other])
+
+
 def test_the_ledger_recomputes_from_the_stored_records():
     """Two of the ledger's numbers, recomputed from the committed file with plain json."""
-    path = evidence.record_path("lm", ROOT / "benchmarks" / "results")
-    if path is None:
+    paths = evidence.record_paths("lm", ROOT / "benchmarks" / "results")
+    if not paths:
         pytest.skip("no LM records committed")
-    lines = [json.loads(x) for x in path.read_text().splitlines()[1:]]
-    test = [r for r in lines if r.get("split") is None]
+    lines = [json.loads(x) for path in paths for x in path.read_text().splitlines()[1:]]
+    test = list({r["key"]: r for r in reversed(lines) if r.get("split") is None}.values())
 
     def mean_of(**f):
         bits = "".join(r["per_example"] for r in test if all(r.get(k) == v for k, v in f.items()))
         return bits.count("1") / len(bits)
 
-    table = evidence.ledger({"lm": path}, {"lm": (evidence.LM_CLAIMS[0], evidence.LM_CLAIMS[2])})
+    table = evidence.ledger({"lm": paths}, {"lm": (evidence.LM_CLAIMS[0], evidence.LM_CLAIMS[2])})
     zero_shot, lora = table.iloc[0], table.iloc[1]
     assert zero_shot["B"] == pytest.approx(mean_of(method="none"))
     assert lora["A"] == pytest.approx(mean_of(method="lora", r=8, targets="all", scaling="rslora"))

@@ -84,6 +84,28 @@ def test_run_record_chooses_lrs_then_runs_the_grid_and_resumes(tmp_path, monkeyp
     assert len(calls) == n and len(again) == len(recs)  # nothing re-run
 
 
+def test_a_grid_continued_elsewhere_keeps_its_lrs_and_skips_its_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(record, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(record, "LR_CANDIDATES", {("lm", "full"): (2e-5, 5e-5, 1e-4)})
+    first = tmp_path / "lm_record_gpu.jsonl"
+    record.run_record("lm", first, settings=FAST, mixed_precision=False, max_runs=2)  # seed 0 only
+    n = len(calls)
+    out = tmp_path / "lm_record.jsonl"
+    recs = record.run_record("lm", out, settings=FAST, mixed_precision=False, lr_from=first,
+                             only=["lm|full|*"])
+    assert calls[n:] == [r["key"] for r in recs]
+    assert {r["seed"] for r in recs} == {1, 2, 3, 4}  # seed 0's run is in the first file
+    assert {r["method"] for r in recs} == {"full"} and {r["lr"] for r in recs} == {5e-5}
+    assert not any(r.get("split") == "val" for r in recs)  # stage 1 is the first file's
+    with pytest.raises(ValueError, match="no run of the grid matches"):
+        record.run_record("lm", out, settings=FAST, lr_from=first, only=["lm|nothing|*"])
+    with pytest.raises(ValueError, match="not in this one"):
+        record.run_record("lm", tmp_path / "x.jsonl", settings=get_settings("cpu"), lr_from=first)
+    with pytest.raises(FileNotFoundError):
+        record.run_record("lm", out, settings=FAST, lr_from=tmp_path / "absent.jsonl")
+
+
 def test_deadline_stops_claiming_and_max_runs_cuts_each_stage(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(record, "run_one", _fake_run_one(calls))
@@ -92,6 +114,19 @@ def test_deadline_stops_claiming_and_max_runs_cuts_each_stage(tmp_path, monkeypa
     assert calls == []
     record.run_record("lm", out, settings=FAST, mixed_precision=False, max_runs=2)
     assert len(calls) == 2 + 2
+
+
+def test_done_keys_skip_a_shards_kept_factors(tmp_path):
+    """A run that keeps its A, B leaves ``x.jsonl.shard0.factors.pt`` beside its shard; a resumed
+    command must not read it as a results file (it did once, and stopped every later run)."""
+    from lorabook.results import append_record, open_results
+
+    out = tmp_path / "x.jsonl"
+    shard = tmp_path / "x.jsonl.shard0"
+    open_results(shard, FAST)
+    append_record(shard, {"key": "a", "split": None})
+    torch.save({"a": {}}, tmp_path / "x.jsonl.shard0.factors.pt")
+    assert record._done_keys(out) == {"a"}
 
 
 def test_merge_shards_appends_each_record_once_and_keeps_factors(tmp_path):
@@ -161,4 +196,13 @@ def test_the_command_runs_the_qlora_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(record, "run_record", lambda *a: seen.setdefault("args", a) and [])
     monkeypatch.setenv("LORABOOK_RECORD_ANY_MODE", "1")
     record.main(["--model", "lm", "--grid", "qlora", "--out", str(tmp_path / "q.jsonl")])
-    assert seen["args"][-1] == "qlora"
+    assert seen["args"][8] == "qlora" and seen["args"][9:] == (None, [])
+
+
+def test_the_command_continues_a_grid_with_only_patterns(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(record, "run_record", lambda *a: seen.setdefault("args", a) and [])
+    monkeypatch.setenv("LORABOOK_RECORD_ANY_MODE", "1")
+    record.main(["--model", "lm", "--lr-from", "a.jsonl", "--only", "lm|full|*", "--only",
+                 "lm|lora|*", "--out", str(tmp_path / "b.jsonl")])
+    assert seen["args"][9:] == (record.Path("a.jsonl"), ["lm|full|*", "lm|lora|*"])

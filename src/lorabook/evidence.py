@@ -52,11 +52,14 @@ class Estimate:
 # ---------------------------------------------------------------- records
 
 
-def record_path(model: str, folder: str | os.PathLike | None = None) -> Path | None:
-    """The results file of record for ``model``: the GPU file if present, else the CPU one (chapter 4).
+def record_paths(model: str, folder: str | os.PathLike | None = None) -> list[Path]:
+    """The results files of record for ``model``: the GPU file, then the CPU one (chapter 4).
 
+    A grid begun on a lent GPU may be continued on a CPU in the same setting
+    (``python -m lorabook.record --lr-from``): its runs are then in two files, read together.
     Looked for in ``folder``, else ``$LORABOOK_RESULTS``, else ``benchmarks/results`` of the
-    repository this package was installed from or above the current directory.
+    repository this package was installed from or above the current directory; the first folder
+    that holds any is used. Empty when none is stored.
     """
     if folder is not None:
         folders = [Path(folder)]
@@ -65,21 +68,46 @@ def record_path(model: str, folder: str | os.PathLike | None = None) -> Path | N
     else:
         roots = [Path(__file__).resolve().parents[2], Path.cwd(), *Path.cwd().parents]
         folders = [root / "benchmarks" / "results" for root in roots]
-    for name in (f"{model}_record_gpu.jsonl", f"{model}_record.jsonl"):
-        for f in folders:
-            if (f / name).is_file() and len(read_results(f / name)[1]) > 0:
-                return f / name
-    return None
+    for f in folders:
+        found = [f / name for name in (f"{model}_record_gpu.jsonl", f"{model}_record.jsonl")
+                 if (f / name).is_file() and len(read_results(f / name)[1]) > 0]
+        if found:
+            return found
+    return []
 
 
-def test_runs(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(header, runs scored on the test split with per-example scores) of a results file (chapter 4).
+def record_path(model: str, folder: str | os.PathLike | None = None) -> Path | None:
+    """The first results file of record for ``model`` (``record_paths``), or None (chapter 4)."""
+    paths = record_paths(model, folder)
+    return paths[0] if paths else None
+
+
+def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
+def test_runs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[dict, list[dict]]:
+    """(header, runs scored on the test split with per-example scores) of one results file or of
+    several made in the same setting (a run in two files counts once: the first's) (chapter 4).
 
     For the LM, the constant-reply baseline (``constant_baseline``, computed from the task data of
     the file's settings, no training) is added as one more run, method "constant".
     """
-    header, records = read_results(path)
-    runs = [r for r in records if r.get("split") is None and r.get("per_example")]
+    paths = _as_paths(paths)
+    if not paths:
+        raise ValueError("test_runs needs at least one results file")
+    header, runs, seen = None, [], set()
+    for path in paths:
+        this, records = read_results(path)
+        if header is None:
+            header = this
+        elif this.get("settings") != header.get("settings"):
+            raise ValueError(f"{path} was made in the setting {this.get('settings')}, "
+                             f"{paths[0]} in {header.get('settings')}: their runs are not one grid")
+        for r in records:
+            if r.get("split") is None and r.get("per_example") and r["key"] not in seen:
+                seen.add(r["key"])
+                runs.append(r)
     if runs and runs[0].get("model") == "lm":
         settings = header["settings"]
         base = constant_baseline(settings["n_train"], settings["n_eval"])
@@ -288,22 +316,23 @@ def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
             "verdict": claim.decide(diff), "keys": "; ".join(r["key"] for r in a + b)}
 
 
-def ledger(files: dict[str, str | os.PathLike | None] | None = None,
+def ledger(files: dict[str, str | os.PathLike | Sequence[str | os.PathLike] | None] | None = None,
            claims: dict[str, Sequence[Claim]] | None = None, learned: bool = True) -> pd.DataFrame:
     """The claims ledger: each claim, A and B's scores, the difference with its 95% interval,
     the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder"/"qlora"
-    to a results file (default: ``record_path``; "qlora" is the LM's QLoRA grid). ``learned`` adds the rows of
-    ``what_was_learned`` (Table 7, Figure 3) when the adapters' factors are stored."""
+    to a results file or a list of them (default: ``record_paths``; "qlora" is the LM's QLoRA
+    grid). ``learned`` adds the rows of ``what_was_learned`` (Table 7, Figure 3) when the
+    adapters' factors are stored."""
     claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS, "qlora": QLORA_CLAIMS}
-    files = files if files is not None else {m: record_path(m) for m in claims}
+    files = files if files is not None else {m: record_paths(m) for m in claims}
     rows = []
     for model, model_claims in claims.items():
-        path = files.get(model)
-        runs = test_runs(path)[1] if path else []
-        name = Path(path).name if path else "(none)"
+        paths = _as_paths(files.get(model) or [])
+        runs = test_runs(paths)[1] if paths else []
+        name = " + ".join(p.name for p in paths) if paths else "(none)"
         rows += [_row(c, runs, name) for c in model_claims]
-        if model == "lm" and path and learned:
-            rows += learned_rows(Records(Path(path), {}, runs))
+        if model == "lm" and paths and learned:
+            rows += learned_rows(Records(tuple(paths), {}, runs))
     return pd.DataFrame(rows)
 
 
@@ -337,12 +366,13 @@ def learned_rows(records: Records) -> list[dict]:
     if not w:
         return []
     amp = w["amplification"]
+    files = " + ".join(p.name for p in records.paths)
     where = f"{w['layer']}, LoRA r = 8 (r = 64) on all layers, seed 0"
     holds = amp["proj_delta"] < 0.5 * amp["proj_w"]
     return [
         {"claim": "Interpretable: delta_W amplifies directions W0 does not emphasise (Table 7): "
                   "||U^T W0 V|| on delta_W's top-8 directions (A) against W0's own (B)",
-         "chapter": "4", "file": records.path.name, "A": amp["proj_delta"], "B": amp["proj_w"],
+         "chapter": "4", "file": files, "A": amp["proj_delta"], "B": amp["proj_w"],
          "difference": None, "low": None, "high": None, "seeds": 1,
          "verdict": "provisional: " + ("holds" if holds else "does not hold")
                     + f" (amplification factor {amp['factor']:.1f}; random directions "
@@ -350,7 +380,7 @@ def learned_rows(records: Records) -> list[dict]:
          "keys": where},
         {"claim": "Figure 3: the top direction of A is shared by r = 8 and r = 64 "
                   "(phi(1, 1) > 0.5; A: phi, B: its value for random directions)",
-         "chapter": "4", "file": records.path.name, "A": w["phi_r8_r64"], "B": w["phi_random"],
+         "chapter": "4", "file": files, "A": w["phi_r8_r64"], "B": w["phi_random"],
          "difference": None, "low": None, "high": None, "seeds": 1,
          "verdict": "provisional: " + ("holds" if w["phi_r8_r64"] > 0.5 else "does not hold")
                     + (f" (between two seeds at r = 8: {w['phi_seeds']:.3f}; one layer)"
@@ -370,43 +400,50 @@ def short_label(run: dict) -> str:
 
 @dataclass(frozen=True)
 class Records:
-    """A results file of record, read: its path, header and test runs (chapter 4)."""
+    """Results files of record, read: their paths (GPU file first), header and test runs (chapter 4)."""
 
-    path: Path
+    paths: tuple[Path, ...]
     header: dict
     runs: list
+
+    @property
+    def path(self) -> Path:
+        """The first file: the GPU one when there is one."""
+        return self.paths[0]
 
     @property
     def provenance(self) -> dict:
         """Where the runs came from: setting, hardware, dtype, commits, dates, the command (chapter 4)."""
         made = [r["provenance"] for r in self.runs if "provenance" in r]
         settings = self.header.get("settings", {})
+        model = self.runs[0].get("model") if self.runs else "?"
         return {
-            "file": f"benchmarks/results/{self.path.name}",
+            "file": ", ".join(f"benchmarks/results/{p.name}" for p in self.paths),
             "setting": self.header.get("mode"),
             "steps x batch": f"{settings.get('train_steps')} x {settings.get('batch_size')}"
-            if self.runs and self.runs[0].get("model") == "lm"
-            else f"{settings.get('encoder_steps')} x 16",
+            if model == "lm" else f"{settings.get('encoder_steps')} x 16",
             "test examples": len(self.runs[0]["per_example"]) if self.runs else 0,
             "runs": len([r for r in self.runs if r.get("method") != "constant"]),
-            "hardware": sorted({m.get("device_name", "?") for m in made}),
+            "hardware": ", ".join(f"{name} ({n} runs)" for name, n in
+                                  sorted(Counter(m.get("device_name", "?") for m in made).items())),
             "dtype": sorted({r.get("dtype") for r in self.runs if r.get("dtype")}),
             "commits": sorted({m.get("commit", "?")[:10] for m in made}),
             "made": f"{min(m['created'] for m in made)} to {max(m['created'] for m in made)}"
             if made else "",
-            "command": f"LORABOOK_MODE=record python -m lorabook.record --model "
-                       f"{self.runs[0].get('model') if self.runs else '?'} "
-                       f"--out benchmarks/results/{self.path.name}",
+            "command": f"LORABOOK_MODE=record python -m lorabook.record --model {model} "
+                       f"--out benchmarks/results/{self.path.name}"
+                       + (f" (continued on a CPU: --lr-from {self.path.name} --out "
+                          f"{self.paths[1].name})" if len(self.paths) > 1 else ""),
         }
 
 
 def load(model: str, folder: str | os.PathLike | None = None) -> Records | None:
     """The records of ``model`` ("lm" or "encoder"), or None when none are stored (chapter 4)."""
-    path = record_path(model, folder)
-    if path is None:
+    paths = record_paths(model, folder)
+    if not paths:
         return None
-    header, runs = test_runs(path)
-    return Records(path, header, runs)
+    header, runs = test_runs(paths)
+    return Records(tuple(paths), header, runs)
 
 
 def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
@@ -447,11 +484,15 @@ SUBSPACE_LAYER = "model.layers.14.self_attn.q_proj"  # the middle block's W_q (t
 
 
 def stored_factors(records: Records) -> dict:
-    """{run key: {layer: {"A", "B", "scaling"}}} kept beside a results file (``lorabook.record``)."""
+    """{run key: {layer: {"A", "B", "scaling"}}} kept beside the results files (``lorabook.record``)."""
     import torch
 
-    path = records.path.with_suffix(".factors.pt")
-    return torch.load(path) if path.exists() else {}
+    factors: dict = {}
+    for p in reversed(records.paths):  # the first file's wins, as in test_runs
+        path = p.with_suffix(".factors.pt")
+        if path.exists():
+            factors.update(torch.load(path))
+    return factors
 
 
 def _base_weight(name: str):

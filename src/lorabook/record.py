@@ -23,6 +23,15 @@ The QLoRA grid of record (chapters 6 and 7; on a GPU name the file ``qlora_recor
     LORABOOK_MODE=record python -m lorabook.record --model lm --grid qlora --workers 8 \\
         --out benchmarks/results/qlora_record.jsonl
 
+A grid begun on one machine can be continued on another in the same setting: ``--lr-from``
+names the first file, whose stage 1 chooses the learning rates and whose runs are not repeated;
+``--only`` keeps the grid's runs whose key matches a pattern (the evidence reads both files)::
+
+    LORABOOK_MODE=record python -m lorabook.record --model lm --mixed-precision \\
+        --lr-from benchmarks/results/lm_record_gpu.jsonl \\
+        --only 'lm|full|*' --only 'lm|lora|r=*|targets=all|scaling=rslora|*' \\
+        --out benchmarks/results/lm_record.jsonl
+
 Chapter 8's methods after LoRA (DoRA, rsLoRA, LoRA+, PiSSA, VeRA; QLoRA, QPiSSA, LoftQ on the LM)
 go into a file of their own, with LoRA's learning rate as stage 1 chose it in the main file
 (``run_variants``; LoRA itself is re-run there, so each comparison is paired within one file)::
@@ -35,6 +44,7 @@ go into a file of their own, with LoRA's learning rate as stage 1 chose it in th
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -210,6 +220,8 @@ def _claim(folder: Path, key: str) -> bool:
 def _done_keys(out: Path) -> set[str]:
     keys = set()
     for path in [out, *sorted(out.parent.glob(out.name + ".shard*"))]:
+        if path.name.endswith(".factors.pt"):  # a shard's kept A, B: not a results file
+            continue
         if path.exists() and path.stat().st_size:
             keys |= {r["key"] for r in read_results(path)[1]}
     return keys
@@ -263,9 +275,12 @@ def worker(queue: Path, shard: Path, claims: Path, deadline: float, settings: Ru
 
 
 def run_parallel(specs: Sequence[RunSpec], out: Path, workers: int, deadline: float,
-                 settings: RunSettings, mixed_precision: bool) -> None:
-    """Run the specs not yet in ``out`` (or its shards) with ``workers`` processes, then merge."""
-    todo = [s for s in specs if s.resolved(settings).key() not in _done_keys(out)]
+                 settings: RunSettings, mixed_precision: bool,
+                 done_elsewhere: frozenset[str] = frozenset()) -> None:
+    """Run the specs not yet in ``out`` (or its shards, or ``done_elsewhere``) with ``workers``
+    processes, then merge."""
+    done = _done_keys(out) | done_elsewhere
+    todo = [s for s in specs if s.resolved(settings).key() not in done]
     if not todo:
         return
     if workers <= 1:  # in this process: what the tests and a CPU use
@@ -329,11 +344,16 @@ def merge_shards(out: Path, settings: RunSettings) -> int:
 def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float("inf"),
                settings: RunSettings | None = None, mixed_precision: bool | None = None,
                stages: Sequence[str] = ("lr", "grid"), max_runs: int | None = None,
-               grid: str = "main") -> list[dict]:
+               grid: str = "main", lr_from: Path | None = None,
+               only: Sequence[str] = ()) -> list[dict]:
     """Both stages for one model into ``out``; resumes; stops claiming runs after budget_s (chapter 4).
 
     ``max_runs`` keeps only the first runs of each stage (a trial of the command, not a record).
     ``grid="qlora"`` (the LM only): LoRA's learning-rate candidates, then ``qlora_grid_specs``.
+    ``lr_from``: continue the main grid of another results file (made in the same setting, e.g.
+    on another machine): its stage 1 chooses the learning rates and its runs are not repeated.
+    ``only``: fnmatch patterns on the run keys; the grid keeps the runs that match one of them
+    (in the grid's order of priority), e.g. ``"lm|full|*"``.
     """
     if grid not in ("main", "qlora"):
         raise ValueError(f"grid must be 'main' or 'qlora', got {grid!r}")
@@ -355,6 +375,9 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
             run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
             records = read_results(out)[1]
         return records
+    if lr_from is not None:
+        return _continue_grid(model, out, Path(lr_from), workers, deadline, settings,
+                              mixed_precision, max_runs, only)
     if "lr" in stages:
         run_parallel(lr_specs(model)[:max_runs], out, workers, deadline, settings, mixed_precision)
     records = read_results(out)[1] if out.exists() else []
@@ -365,9 +388,44 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
         placeholders = {m: lrs.get(m, 1.0) for m in ("full", "lora", "adapter", "prefix")}
         specs = [s for s in grid_specs(model, placeholders)
                  if s.method == "none" or s.method in lrs]  # a method with no chosen lr waits
+        specs = _matching(specs, only, settings)
         run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
         records = read_results(out)[1]
     return records
+
+
+def _matching(specs: Sequence[RunSpec], patterns: Sequence[str],
+              settings: RunSettings) -> list[RunSpec]:
+    """The specs whose resolved key matches one of the fnmatch ``patterns`` (all when none)."""
+    if not patterns:
+        return list(specs)
+    kept = [s for s in specs
+            if any(fnmatch.fnmatchcase(s.resolved(settings).key(), p) for p in patterns)]
+    if not kept:
+        raise ValueError(f"no run of the grid matches {list(patterns)}; a key looks like "
+                         f"{specs[0].resolved(settings).key()!r}" if specs else "the grid is empty")
+    return kept
+
+
+def _continue_grid(model: str, out: Path, source: Path, workers: int, deadline: float,
+                   settings: RunSettings, mixed_precision: bool, max_runs: int | None,
+                   only: Sequence[str]) -> list[dict]:
+    """The main grid of ``source`` continued into ``out``: same learning rates, none of its runs."""
+    if not source.is_file():
+        raise FileNotFoundError(f"--lr-from {source}: no such results file")
+    header, stage1 = read_results(source)
+    if header.get("settings") != asdict(settings):
+        raise ValueError(f"{source} was made in the setting {header.get('settings')}, not in this "
+                         f"one ({asdict(settings)}): its runs and these would not be one grid")
+    methods = {m for (mm, m) in LR_CANDIDATES if mm == model}
+    lrs = {m: choose_lr(stage1, model, m)[0] for m in methods
+           if any(r.get("method") == m and r.get("split") == "val" for r in stage1)}
+    placeholders = {m: lrs.get(m, 1.0) for m in ("full", "lora", "adapter", "prefix")}
+    specs = [s for s in grid_specs(model, placeholders) if s.method == "none" or s.method in lrs]
+    specs = _matching(specs, only, settings)
+    run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision,
+                 frozenset(r["key"] for r in stage1))
+    return read_results(out)[1] if out.exists() else []
 
 
 # ---------------------------------------------------------------- chapter 8: after LoRA
@@ -470,8 +528,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-runs", type=int, default=None,
                         help="only the first N runs of each stage: a trial, not a record")
     parser.add_argument("--lr-from", default=None,
-                        help="variants stage: the results file whose stage 1 chose LoRA's "
-                             "learning rate (default: --out)")
+                        help="the results file whose stage 1 chose the learning rates: for the "
+                             "variants stage (default: --out), or to continue that file's main "
+                             "grid into --out (its runs are not repeated)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="keep the grid's runs whose key matches this fnmatch pattern "
+                             "(repeatable), e.g. 'lm|full|*'")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="fp32 weights with bf16 autocast (default on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -495,7 +557,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if set(stages) & {"lr", "grid"}:
         records = run_record(args.model, Path(args.out), args.workers, args.budget_s, settings,
                              args.mixed_precision or None,
-                             [s for s in stages if s != "variants"], args.max_runs, args.grid)
+                             [s for s in stages if s != "variants"], args.max_runs, args.grid,
+                             Path(args.lr_from) if args.lr_from and "variants" not in stages
+                             else None, args.only)
     if "variants" in stages:
         records = run_variants(args.model, Path(args.out), args.workers, args.budget_s, settings,
                                args.mixed_precision or None, args.max_runs,
