@@ -382,16 +382,20 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
         run_parallel(lr_specs(model)[:max_runs], out, workers, deadline, settings, mixed_precision)
     records = read_results(out)[1] if out.exists() else []
     if "grid" in stages:
-        methods = {m for (mm, m) in LR_CANDIDATES if mm == model}
-        lrs = {m: choose_lr(records, model, m)[0] for m in methods
-               if any(r.get("method") == m and r.get("split") == "val" for r in records)}
-        placeholders = {m: lrs.get(m, 1.0) for m in ("full", "lora", "adapter", "prefix")}
-        specs = [s for s in grid_specs(model, placeholders)
-                 if s.method == "none" or s.method in lrs]  # a method with no chosen lr waits
-        specs = _matching(specs, only, settings)
+        specs = _matching(_chosen_grid(model, records), only, settings)
         run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
         records = read_results(out)[1]
     return records
+
+
+def _chosen_grid(model: str, records: Sequence[dict]) -> list[RunSpec]:
+    """The main grid with the learning rates that the stage-1 ``records`` chose; a method with
+    no validation runs yet waits (its runs are left out)."""
+    methods = {m for (mm, m) in LR_CANDIDATES if mm == model}
+    lrs = {m: choose_lr(records, model, m)[0] for m in methods
+           if any(r.get("method") == m and r.get("split") == "val" for r in records)}
+    placeholders = {m: lrs.get(m, 1.0) for m in ("full", "lora", "adapter", "prefix")}
+    return [s for s in grid_specs(model, placeholders) if s.method == "none" or s.method in lrs]
 
 
 def _matching(specs: Sequence[RunSpec], patterns: Sequence[str],
@@ -417,12 +421,7 @@ def _continue_grid(model: str, out: Path, source: Path, workers: int, deadline: 
     if header.get("settings") != asdict(settings):
         raise ValueError(f"{source} was made in the setting {header.get('settings')}, not in this "
                          f"one ({asdict(settings)}): its runs and these would not be one grid")
-    methods = {m for (mm, m) in LR_CANDIDATES if mm == model}
-    lrs = {m: choose_lr(stage1, model, m)[0] for m in methods
-           if any(r.get("method") == m and r.get("split") == "val" for r in stage1)}
-    placeholders = {m: lrs.get(m, 1.0) for m in ("full", "lora", "adapter", "prefix")}
-    specs = [s for s in grid_specs(model, placeholders) if s.method == "none" or s.method in lrs]
-    specs = _matching(specs, only, settings)
+    specs = _matching(_chosen_grid(model, stage1), only, settings)
     run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision,
                  frozenset(r["key"] for r in stage1))
     return read_results(out)[1] if out.exists() else []
