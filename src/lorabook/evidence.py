@@ -398,6 +398,14 @@ def short_label(run: dict) -> str:
             "none": "zero-shot", "constant": "constant"}.get(method, str(method))
 
 
+def _machine(provenance: dict) -> str:
+    """A run's machine in words: the GPU's name, or "CPU, N threads" (a CPU's name is often just
+    its architecture, e.g. "x86_64")."""
+    if provenance.get("device") == "cpu":
+        return f"CPU, {provenance.get('cpu_threads', '?')} threads"
+    return provenance.get("device_name", "?")
+
+
 @dataclass(frozen=True)
 class Records:
     """Results files of record, read: their paths (GPU file first), header and test runs (chapter 4)."""
@@ -425,15 +433,15 @@ class Records:
             "test examples": len(self.runs[0]["per_example"]) if self.runs else 0,
             "runs": len([r for r in self.runs if r.get("method") != "constant"]),
             "hardware": ", ".join(f"{name} ({n} runs)" for name, n in
-                                  sorted(Counter(m.get("device_name", "?") for m in made).items())),
+                                  sorted(Counter(map(_machine, made)).items())),
             "dtype": sorted({r.get("dtype") for r in self.runs if r.get("dtype")}),
             "commits": sorted({m.get("commit", "?")[:10] for m in made}),
             "made": f"{min(m['created'] for m in made)} to {max(m['created'] for m in made)}"
             if made else "",
             "command": f"LORABOOK_MODE=record python -m lorabook.record --model {model} "
                        f"--out benchmarks/results/{self.path.name}"
-                       + (f" (continued on a CPU: --lr-from {self.path.name} --out "
-                          f"{self.paths[1].name})" if len(self.paths) > 1 else ""),
+                       + "".join(f"; continued into {p.name} with --lr-from {self.path.name} "
+                                 "(README, 'Runs of record')" for p in self.paths[1:]),
         }
 
 
