@@ -454,19 +454,6 @@ def load(model: str, folder: str | os.PathLike | None = None) -> Records | None:
     return Records(tuple(paths), header, runs)
 
 
-def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
-    """A DataFrame as a Markdown table (wraps in the rendered page, unlike a wide HTML table)."""
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "" if v != v else f"{v:.{digits}f}"
-        return str(v).replace("|", "\\|")
-
-    head = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
-
-
 def summary_table(runs: Sequence[dict], by: Sequence[str] = ("method", "targets", "r", "scaling",
                                                               "size"),
                   label: Callable[[dict], str] | None = None) -> pd.DataFrame:

@@ -64,6 +64,8 @@ KERNEL_FILE = re.compile(r"ipykernel_launcher\S*\s+-f\s+/|" + re.escape(tempfile
                          + r"/tmp\w+\.json")
 RAW_MATH = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$[^$\n]*\\[A-Za-z]+[^$\n]*\$|\$[^$\s][^$\n]*[_^]\{")
 UNFINISHED_BAR = re.compile(r"(?<![0-9])0%\|")
+# a Markdown table shown as text: its rule row "| --- |" (Sphinx turns "---" into an em dash)
+RAW_TABLE = re.compile(r"\|\s*(?::?-+:?|\u2014|\u2013)\s*\|\s*(?::?-+:?|\u2014|\u2013)\s*\|")
 
 # One pass over the page, in the browser: what a reader would see go wrong.
 INSPECT = """
@@ -214,6 +216,10 @@ def _offline_problems(state: dict, page: Path) -> list[str]:
             for m in UNFINISHED_BAR.finditer(state["text"])]
     if bars:
         problems.append(f"progress bars that never finished: {bars[:5]}")
+    tables = [state["text"][max(0, m.start() - 60):m.end() + 20]
+              for m in RAW_TABLE.finditer(state["text"])]
+    if tables:
+        problems.append(f"Markdown tables shown as text, not as tables: {tables[:3]}")
     html = page.read_text(encoding="utf-8", errors="replace")
     for where, text in (("text", state["text"]), ("HTML", html)):
         found = [p for p in MACHINE_PATHS if p in text] + KERNEL_FILE.findall(text)
@@ -287,6 +293,11 @@ def test_raw_math_pattern_catches_what_it_should():
         assert not RAW_MATH.search(fine), fine
     assert UNFINISHED_BAR.search("train:   0%|          | 0/24")
     assert not UNFINISHED_BAR.search("train: 100%|██████████| 24/24 [00:31<00:00]")
+    for raw in ("| claim | A | | --- | --- | | r = 8 | 0.609 |", "| claim | A | | \u2014 | \u2014 |"):
+        assert RAW_TABLE.search(raw), raw
+    for fine in ("train: 100%|██████████| 24/24", "lm|full|base=float|seed=2|lr=0.0001",
+                 "a | b | c"):
+        assert not RAW_TABLE.search(fine), fine
 
 
 HREF = re.compile(r"""<(?:a|link|img|script)\b[^>]*?\s(?:href|src)\s*=\s*["']([^"']+)["']""",

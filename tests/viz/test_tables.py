@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,3 +55,25 @@ def test_mark_long_cells_marks_only_long_text():
     assert tables.mark_long_cells("no table <td>x</td>") == "no table <td>x</td>"
     with pytest.raises(TypeError, match="html"):
         tables.mark_long_cells(None)
+
+
+def test_text_table_is_an_html_table_with_blank_missing_cells_and_no_index():
+    df = pd.DataFrame({"claim": ["LoRA r = 8 reaches full fine-tuning", "no runs yet"],
+                       "difference": [-0.16234, np.nan], "seeds": [3, 0]},
+                      index=pd.Index([7, 9], name="row"))
+    html = tables.text_table(df).to_html()
+    cells = [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", html, re.DOTALL)]
+    assert cells == ["LoRA r = 8 reaches full fine-tuning", "-0.162", "3", "no runs yet", "", "0"]
+    assert "<th" in html and ">row<" not in html and ">7<" not in html  # the index is hidden
+    assert 'class="dataframe"' in html  # the theme pads and rules only these
+    marked = tables.mark_long_cells(html, threshold=20)  # the book marks its long cells
+    assert 'long-text' in marked and marked.count("long-text") == 1
+    assert re.findall(r"<td[^>]*>(.*?)</td>", tables.text_table(df, digits=1).to_html())[1] \
+        .strip() == "-0.2"
+
+
+def test_text_table_rejects_bad_input():
+    with pytest.raises(TypeError, match="DataFrame"):
+        tables.text_table("| a | b |")
+    with pytest.raises(ValueError, match="digits"):
+        tables.text_table(pd.DataFrame({"a": [1.0]}), digits=-1)

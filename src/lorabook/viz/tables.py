@@ -8,13 +8,18 @@
   numeric order (1, 2, 4, 8, not the order the runs happened in), and the combinations that were
   never run shown as such instead of NaN.
 
+- ``text_table(table)``: a DataFrame of claims, verdicts and numbers as an HTML table (floats to
+  ``digits``, missing cells blank, no index), so that the book's stylesheet and
+  ``mark_long_cells`` apply: its long claims wrap, its numbers stay on one line. (A Markdown table
+  in a cell output is not one: myst-nb renders outputs as CommonMark, which has no tables, and the
+  page showed its rows as one paragraph of pipes.)
 - ``mark_long_cells(html)``: the cells of an HTML table whose text is long get the class
   ``long-text``; the book's stylesheet lets only those wrap (at a readable width) and keeps
   numbers and short labels on one line, the table scrolling in its own box when it is wider than
   the page (the book's ``offline_book`` extension applies it to every output table).
 
-Both first return objects that Jupyter and the book display (``IPython.display.Markdown``, a
-pandas ``Styler``); nothing here prints.
+``claims_markdown``, ``by_rank`` and ``text_table`` return objects that Jupyter and the book
+display (``IPython.display.Markdown``, a pandas ``Styler``); nothing here prints.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|$~])")
 _CELL = re.compile(r"<(td|th)((?:\s[^>]*)?)>(.*?)</\1>", re.DOTALL)
 _TAG = re.compile(r"<[^>]+>")
 LONG_TEXT = 40  # characters: a cell longer than this may wrap
+# A Styler's table has no class; the book's theme pads and rules only tables of class "dataframe"
+# (what DataFrame.to_html writes), so without it the numbers of adjacent cells run together.
+DATAFRAME = 'class="dataframe"'
 
 
 def escape_markdown(text: str) -> str:
@@ -82,7 +90,19 @@ def by_rank(series: pd.Series, level: str = "r", precision: int = 3,
     table = series.unstack(level)
     table = table[_numeric_order(table.columns)]
     table.columns.name = level
-    return table.style.format(precision=precision, na_rep=missing)
+    return table.style.format(precision=precision, na_rep=missing).set_table_attributes(DATAFRAME)
+
+
+def text_table(table: pd.DataFrame, digits: int = 3, missing: str = ""
+               ) -> pd.io.formats.style.Styler:
+    """``table`` without its index, floats to ``digits`` places, missing cells as ``missing`` (chapter 4)."""
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"table must be a pandas DataFrame, got {type(table).__name__}")
+    if not isinstance(digits, int) or digits < 0:
+        raise ValueError(f"digits must be a non-negative int, got {digits!r}")
+    return (table.style.format(precision=digits, na_rep=missing).hide(axis="index")
+            .set_table_attributes(DATAFRAME)
+            .set_table_styles([{"selector": "th", "props": "text-align: left;"}]))  # as the cells
 
 
 def mark_long_cells(html: str, threshold: int = LONG_TEXT) -> str:
@@ -103,4 +123,4 @@ def mark_long_cells(html: str, threshold: int = LONG_TEXT) -> str:
     return _CELL.sub(mark, html) if "<table" in html else html
 
 
-__all__ = ["by_rank", "claims_markdown", "escape_markdown", "mark_long_cells"]
+__all__ = ["by_rank", "claims_markdown", "escape_markdown", "mark_long_cells", "text_table"]
