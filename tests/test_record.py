@@ -28,6 +28,26 @@ def test_choose_lr_takes_the_best_validation_score_then_the_lower_loss():
         record.choose_lr(recs, "lm", "prefix")
 
 
+def test_lr_choices_say_when_the_chosen_rate_is_at_an_edge_of_its_candidates():
+    # full: candidates 2e-5, 5e-5, 1e-4 (LR_CANDIDATES); the best is the highest
+    # lora: 5e-4 .. 4e-3; the best inside; 4e-3 has no record (diverged)
+    # prefix: the best is the lowest
+    recs = [_val("full", 2e-5, 0.7), _val("full", 5e-5, 0.8), _val("full", 1e-4, 0.9),
+            _val("lora", 5e-4, 0.6), _val("lora", 1e-3, 0.8), _val("lora", 2e-3, 0.7),
+            _val("prefix", 3e-3, 0.5), _val("prefix", 1e-2, 0.4), _val("prefix", 3e-2, 0.1),
+            {**_val("full", 9e-4, 1.0), "split": None}]  # a test run: not a candidate
+    got = {c["method"]: c for c in record.lr_choices(recs, "lm")}
+    assert set(got) == {"full", "lora", "prefix"}
+    assert (got["full"]["chosen"], got["full"]["position"]) == (1e-4, "highest candidate")
+    assert got["full"]["candidates"] == [2e-5, 5e-5, 1e-4] and got["full"]["missing"] == []
+    assert "a higher rate might score better" in got["full"]["note"]
+    assert (got["lora"]["chosen"], got["lora"]["position"]) == (1e-3, "inside")
+    assert got["lora"]["missing"] == [4e-3] and "no record at 0.004" in got["lora"]["note"]
+    assert got["prefix"]["position"] == "lowest candidate"
+    assert "a lower rate might score better" in got["prefix"]["note"]
+    assert record.lr_choices(recs, "encoder") == []
+
+
 def test_lr_specs_are_validation_runs_of_every_candidate():
     specs = record.lr_specs("lm")
     assert all(s.split == "val" and s.seed == 0 for s in specs)

@@ -432,7 +432,7 @@ class Records:
             if model == "lm" else f"{settings.get('encoder_steps')} x 16",
             "test examples": len(self.runs[0]["per_example"]) if self.runs else 0,
             "runs": len([r for r in self.runs if r.get("method") != "constant"]),
-            "hardware": ", ".join(f"{name} ({n} runs)" for name, n in
+            "hardware": ", ".join(f"{name} ({n} run{'' if n == 1 else 's'})" for name, n in
                                   sorted(Counter(map(_machine, made)).items())),
             "dtype": sorted({r.get("dtype") for r in self.runs if r.get("dtype")}),
             "commits": sorted({m.get("commit", "?")[:10] for m in made}),

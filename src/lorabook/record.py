@@ -126,6 +126,34 @@ def choose_lr(records: Sequence[dict], model: str, method: str,
     return float(best["lr"]), [r["key"] for r in runs]
 
 
+def lr_choices(records: Sequence[dict], model: str) -> list[dict]:
+    """Per method of stage 1: the chosen learning rate, its candidates, and where it lies (chapter 4).
+
+    ``position`` is "inside" when a candidate above and one below it were tried, else "highest
+    candidate" or "lowest candidate": then the best rate may lie outside the range, and a verdict
+    compares the method at its best *tried* rate, not its best. A candidate with no record (not
+    run, or diverged) is listed in ``missing``. ``note`` says it in one line.
+    """
+    methods = sorted({r["method"] for r in records if r.get("split") == "val"
+                      and r.get("model") == model and r.get("variant") is None})
+    out = []
+    for method in methods:
+        lr, keys = choose_lr(records, model, method)
+        ran = {float(r["lr"]) for r in records if r.get("key") in keys}
+        candidates = sorted(set(LR_CANDIDATES.get((model, method), ())) | ran)
+        position = ("highest candidate" if lr == candidates[-1] else
+                    "lowest candidate" if lr == candidates[0] else "inside")
+        missing = [c for c in candidates if c not in ran]
+        note = (f"{method}: {lr:g} chosen of {', '.join(f'{c:g}' for c in candidates)}: "
+                + {"inside": "inside the range tried",
+                   "highest candidate": "the highest tried, so a higher rate might score better",
+                   "lowest candidate": "the lowest tried, so a lower rate might score better"}[position]
+                + (f" (no record at {', '.join(f'{c:g}' for c in missing)})" if missing else ""))
+        out.append({"method": method, "chosen": lr, "candidates": candidates,
+                    "position": position, "missing": missing, "note": note})
+    return out
+
+
 def grid_specs(model: str, lrs: dict[str, float],
                seeds: tuple[Sequence[int], ...] = (FIRST_SEEDS, MORE_SEEDS)) -> list[RunSpec]:
     """Stage 2: the grid of record in order of priority, seeds 0-2 first (chapter 4).
