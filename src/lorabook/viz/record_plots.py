@@ -77,6 +77,11 @@ def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
     return _finish(fig, ax, title, "LoRA rank r (log scale)", ylabel)
 
 
+# where params_figure writes a point's label: (offset in points, alignment), by method
+LABEL_SIDE = {"lora": ((6, -14), "left"), "full": ((-8, -14), "right"),
+              "adapter": ((6, 8), "left"), "prefix": ((6, 8), "left")}
+
+
 def params_figure(table: pd.DataFrame, title: str, ylabel: str) -> Figure:
     """Score against trainable parameters (log axis) for every method, with intervals (chapter 4)."""
     use_style()
@@ -85,10 +90,13 @@ def params_figure(table: pd.DataFrame, title: str, ylabel: str) -> Figure:
     for method, g in trained.groupby("method", sort=False):
         ax.errorbar(g["trainable"], g["score"], yerr=_err(g), fmt="o", capsize=4, ms=7,
                     color=color(METHOD_COLOR.get(method, "lora")), label=method)
+        # labels on different sides per method: adapters, prefixes and ranks 1-2 have about the
+        # same parameter counts, and their labels overlapped on one side
+        (dx, dy), ha = LABEL_SIDE.get(method, ((6, -14), "left"))
         for _, row in g.iterrows():  # LoRA: the rank series on all layers only (no clutter)
             if method != "lora" or (row["targets"] == "all" and row["scaling"] == "rslora"):
-                ax.annotate(row["short"], (row["trainable"], row["score"]),
-                            textcoords="offset points", xytext=(6, -14), fontsize=11)
+                ax.annotate(row["short"], (row["trainable"], row["score"]), ha=ha,
+                            textcoords="offset points", xytext=(dx, dy), fontsize=11)
     ax.set_xscale("log")
     return _finish(fig, ax, title, "trainable parameters (log scale)", ylabel)
 
