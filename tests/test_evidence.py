@@ -146,6 +146,21 @@ def test_a_grid_in_two_files_is_read_as_one(tmp_path):
         evidence.test_runs([gpu, other])
 
 
+def test_a_configuration_run_at_two_learning_rates_is_refused(tmp_path):
+    key = "lm|lora|r=8|targets=all|scaling=rslora|base=float|seed={}|alpha=16.0|lr={}|steps=300"
+    lora = {"model": "lm", "method": "lora", "r": 8, "targets": "all", "scaling": "rslora"}
+    same = _file(tmp_path, [({**lora, "seed": s, "lr": 4e-3, "key": key.format(s, 0.004)}, "1100")
+                            for s in (0, 1)])
+    assert len(evidence.test_runs(same)[1]) == 3  # two seeds of one rate, and the constant reply
+    (tmp_path / "mixed").mkdir()
+    mixed = _file(tmp_path / "mixed", [({**lora, "seed": 0, "lr": 4e-3, "key": key.format(0, 0.004)},
+                                     "1100"),
+                                    ({**lora, "seed": 1, "lr": 8e-3, "key": key.format(1, 0.008)},
+                                     "1110")])
+    with pytest.raises(ValueError, match="more than one learning rate"):
+        evidence.test_runs(mixed)
+
+
 def test_the_ledger_recomputes_from_the_stored_records():
     """Two of the ledger's numbers, recomputed from the committed file with plain json."""
     paths = evidence.record_paths("lm", ROOT / "benchmarks" / "results")

@@ -108,6 +108,7 @@ def test_runs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[d
             if r.get("split") is None and r.get("per_example") and r["key"] not in seen:
                 seen.add(r["key"])
                 runs.append(r)
+    _one_lr_per_configuration(runs)
     if runs and runs[0].get("model") == "lm":
         settings = header["settings"]
         base = constant_baseline(settings["n_train"], settings["n_eval"])
@@ -117,6 +118,20 @@ def test_runs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[d
                      **{f"gen_{k}": v for k, v in base.items() if k.endswith("accuracy")},
                      "gen_exact_match": base["exact"], "per_example": base["per_example"]})
     return header, runs
+
+
+def _one_lr_per_configuration(runs: Sequence[dict]) -> None:
+    """ValueError when one configuration (a run's key without its seed and learning rate) was run
+    at two learning rates: its seeds would be pooled as one configuration. Happens when stage 1's
+    choice changed after grid runs were made (new candidates): keep one rate's runs per file."""
+    rates: dict[str, set] = {}
+    for r in runs:
+        config = "|".join(p for p in r["key"].split("|") if not p.startswith(("seed=", "lr=")))
+        rates.setdefault(config, set()).add(r.get("lr"))
+    mixed = {c: sorted(v, key=str) for c, v in rates.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(f"configurations run at more than one learning rate: {mixed}; a verdict "
+                         "pools seeds of one rate (see lorabook.record.lr_choices)")
 
 
 def select(runs: Sequence[dict], **fields) -> list[dict]:
