@@ -153,10 +153,9 @@ def test_a_configuration_run_at_two_learning_rates_is_refused(tmp_path):
                             for s in (0, 1)])
     assert len(evidence.test_runs(same)[1]) == 3  # two seeds of one rate, and the constant reply
     (tmp_path / "mixed").mkdir()
-    mixed = _file(tmp_path / "mixed", [({**lora, "seed": 0, "lr": 4e-3, "key": key.format(0, 0.004)},
-                                     "1100"),
-                                    ({**lora, "seed": 1, "lr": 8e-3, "key": key.format(1, 0.008)},
-                                     "1110")])
+    mixed = _file(tmp_path / "mixed",
+                  [({**lora, "seed": 0, "lr": 4e-3, "key": key.format(0, 0.004)}, "1100"),
+                   ({**lora, "seed": 1, "lr": 8e-3, "key": key.format(1, 0.008)}, "1110")])
     with pytest.raises(ValueError, match="more than one learning rate"):
         evidence.test_runs(mixed)
 
