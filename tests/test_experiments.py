@@ -159,3 +159,14 @@ def test_lora_on_the_real_model_counts_and_learns(monkeypatch, tmp_path):
     per_block = 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
     assert hist.trainable_params == 30 * per_block == 2_442_240
     assert min(hist.loss[-2:]) < hist.loss[0]
+
+
+def test_provenance_names_the_commit_the_code_was_imported_from(monkeypatch):
+    """A long run records the commit it ran, even if HEAD moves before it finishes."""
+    monkeypatch.delenv("LORABOOK_COMMIT", raising=False)
+    assert experiments.LOADED_COMMIT == experiments._git_head()  # read at import, HEAD unchanged
+    monkeypatch.setattr(experiments, "_git_head", lambda: "a-later-head")
+    monkeypatch.setattr(experiments, "LOADED_COMMIT", "the-imported-one")
+    assert experiments.provenance()["commit"] == "the-imported-one"
+    monkeypatch.setenv("LORABOOK_COMMIT", "sent-to-a-gpu")
+    assert experiments.provenance()["commit"] == "sent-to-a-gpu"

@@ -28,17 +28,26 @@ MAX_LENGTH = 128  # tokens per training example (prompt + target; the longest is
 EVAL_NEW_TOKENS = 40  # generation budget when scoring: the longest target is 33 tokens + end of turn
 
 
-def provenance(extra: dict | None = None) -> dict:
-    """Command, hardware, versions and git commit of the current run (chapter 1)."""
+def _git_head() -> str:
+    """The repository's HEAD commit, or "" outside a git checkout."""
     try:
         root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        return ""
+
+
+# Read once, when the code is imported: a run of half an hour records the commit whose code it
+# ran, not the one checked out when it finished (a record of 2026-12-05 named the later one).
+LOADED_COMMIT = _git_head()
+
+
+def provenance(extra: dict | None = None) -> dict:
+    """Command, hardware, versions and git commit of the current run (chapter 1)."""
     # A copy of the tree sent elsewhere (a lent GPU machine) may carry a stale .git or none:
     # $LORABOOK_COMMIT, when set, names the commit that was sent.
-    commit = os.environ.get("LORABOOK_COMMIT") or commit or "unknown"
+    commit = os.environ.get("LORABOOK_COMMIT") or LOADED_COMMIT or "unknown"
     return {"command": " ".join(sys.argv), "commit": commit, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "platform": platform.platform(), **describe(), **(extra or {})}
 
