@@ -48,6 +48,33 @@ def test_lr_choices_say_when_the_chosen_rate_is_at_an_edge_of_its_candidates():
     assert record.lr_choices(recs, "encoder") == []
 
 
+def _val_scored(method, lr, ones, n=200, skip=0):
+    """A validation record right on ``ones`` of ``n`` messages, from message ``skip`` on."""
+    return {**_val(method, lr, ones / n),
+            "per_example": "0" * skip + "1" * ones + "0" * (n - ones - skip)}
+
+
+def test_lr_choices_measure_the_rise_towards_an_edge_and_the_ties_with_the_choice():
+    # full rises at every step to its highest candidate, each step far beyond the noise;
+    # lora's highest wins by 2 messages of 200 over 5e-4 and 1e-3 (ties; 1e-3 wins on 8 messages
+    # and loses on 10), 2e-3 dips
+    recs = [_val_scored("full", 2e-5, 100), _val_scored("full", 5e-5, 140),
+            _val_scored("full", 1e-4, 180),
+            _val_scored("lora", 5e-4, 160), _val_scored("lora", 1e-3, 160, skip=10),
+            _val_scored("lora", 2e-3, 100), _val_scored("lora", 4e-3, 162)]
+    got = {c["method"]: c for c in record.lr_choices(recs, "lm")}
+    full, lora = got["full"], got["lora"]
+    assert full["rising"] and full["ties"] == [] and "rise at every step" in full["note"]
+    assert full["vs_chosen"][5e-5].mean == pytest.approx(-0.2)
+    assert full["vs_chosen"][5e-5].high < 0  # 40 messages of 200 apart: not noise
+    assert not lora["rising"] and "do not rise steadily" in lora["note"]
+    assert lora["ties"] == [5e-4, 1e-3]
+    d = lora["vs_chosen"][1e-3]
+    assert d.mean == pytest.approx(-0.01) and d.low < 0 < d.high and d.examples == 200
+    assert "within the validation noise" in lora["note"] and "0.001 (-0.010" in lora["note"]
+    assert lora["scores"] == {5e-4: 0.8, 1e-3: 0.8, 2e-3: 0.5, 4e-3: 0.81}
+
+
 def test_lr_specs_are_validation_runs_of_every_candidate():
     specs = record.lr_specs("lm")
     assert all(s.split == "val" and s.seed == 0 for s in specs)

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from lorabook import evidence
 from lorabook.config import RunSettings, get_settings
 from lorabook.results import append_record, open_results, read_results
 from lorabook.sweep import RunSpec, run_one
@@ -132,25 +133,49 @@ def lr_choices(records: Sequence[dict], model: str) -> list[dict]:
     ``position`` is "inside" when a candidate above and one below it were tried, else "highest
     candidate" or "lowest candidate": then the best rate may lie outside the range, and a verdict
     compares the method at its best *tried* rate, not its best. A candidate with no record (not
-    run, or diverged) is listed in ``missing``. ``note`` says it in one line.
+    run, or diverged) is listed in ``missing``. ``scores`` maps each tried rate to its validation
+    score. ``rising`` is True when that score rises at every step towards an edge choice (then the
+    best rate may lie beyond the range). ``vs_chosen`` maps each candidate that kept its
+    validation messages' scores to its difference from the chosen rate (``evidence.difference``,
+    paired on the messages, one seed each); ``ties`` are the candidates whose interval holds 0:
+    the choice among them is a tie within the validation noise. ``note`` says it in one line.
     """
     methods = sorted({r["method"] for r in records if r.get("split") == "val"
                       and r.get("model") == model and r.get("variant") is None})
     out = []
     for method in methods:
         lr, keys = choose_lr(records, model, method)
-        ran = {float(r["lr"]) for r in records if r.get("key") in keys}
-        candidates = sorted(set(LR_CANDIDATES.get((model, method), ())) | ran)
+        runs = {float(r["lr"]): r for r in records if r.get("key") in keys}
+        candidates = sorted(set(LR_CANDIDATES.get((model, method), ())) | set(runs))
         position = ("highest candidate" if lr == candidates[-1] else
                     "lowest candidate" if lr == candidates[0] else "inside")
-        missing = [c for c in candidates if c not in ran]
+        missing = [c for c in candidates if c not in runs]
+        scores = {c: float(runs[c]["score"]) for c in sorted(runs)}
+        towards = list(scores.values()) if position == "highest candidate" else list(scores.values())[::-1]
+        rising = position != "inside" and all(x < y for x, y in zip(towards[:-1], towards[1:], strict=True))
+        vs_chosen = {}
+        if "per_example" in runs[lr]:
+            chosen = evidence.score_matrix([runs[lr]])
+            vs_chosen = {c: evidence.difference(evidence.score_matrix([run]), chosen)
+                         for c, run in sorted(runs.items()) if c != lr and "per_example" in run}
+        ties = [c for c, d in vs_chosen.items() if d.low <= 0 <= d.high]
         note = (f"{method}: {lr:g} chosen of {', '.join(f'{c:g}' for c in candidates)}: "
                 + {"inside": "inside the range tried",
                    "highest candidate": "the highest tried, so a higher rate might score better",
                    "lowest candidate": "the lowest tried, so a lower rate might score better"}[position]
                 + (f" (no record at {', '.join(f'{c:g}' for c in missing)})" if missing else ""))
+        if position != "inside" and len(scores) > 1:
+            profile = ", ".join(f"{c:g}: {v:.3f}" for c, v in scores.items())
+            note += (f"; validation scores {profile}: "
+                     + ("they rise at every step towards the edge" if rising
+                        else "they do not rise steadily towards the edge"))
+        if ties:
+            note += ("; within the validation noise of the choice (paired differences on "
+                     f"{vs_chosen[ties[0]].examples} messages): "
+                     + ", ".join(f"{c:g} ({vs_chosen[c]})" for c in ties))
         out.append({"method": method, "chosen": lr, "candidates": candidates,
-                    "position": position, "missing": missing, "note": note})
+                    "position": position, "missing": missing, "scores": scores, "rising": rising,
+                    "vs_chosen": vs_chosen, "ties": ties, "note": note})
     return out
 
 
