@@ -202,3 +202,38 @@ def test_qlora_rows_compare_the_dense_quality_runs_with_float_lora(tmp_path):
     assert (nf4["A"], nf4["B"], nf4["seeds"]) == (0.7, 0.8, 3)  # the timing run is not a quality run
     assert not nf4["verdict"].startswith("provisional") and nf4["verdict"] != "reaches"
     assert fp4["verdict"] == "no records yet (A)"
+
+
+def test_a_loss_spike_is_a_rise_above_the_first_loss_after_learning():
+    assert evidence.loss_spike({"train_loss": [2.0, 0.5, 0.1, 0.15, 3.0, 1.0]}) == 5
+    assert evidence.loss_spike({"train_loss": [2.0, 2.5, 0.1]}) is None  # above it before learning
+    assert evidence.loss_spike({"train_loss": [2.0, 0.3, 1.9, 0.2]}) is None  # never below 0.2
+    assert evidence.loss_spike({"train_loss": [2.0, 0.1, 1.5, 0.01]}) is None  # noisy, not above
+    assert evidence.loss_spike({"train_loss": []}) is None
+    assert evidence.loss_spike({}) is None
+
+
+def test_a_spiked_run_stays_in_the_verdict_and_the_row_says_what_it_changes(tmp_path):
+    full = {"method": "full"}
+    lora = {"method": "lora", "r": 64, "targets": "all", "scaling": "rslora"}
+    calm, spiked = [2.0, 0.1, 0.05], [2.0, 0.1, 4.0, 1.0]
+    runs = [({**full, "seed": s, "train_loss": calm}, "1111111100" * 3) for s in (0, 1, 2)]
+    runs += [({**lora, "seed": s, "train_loss": calm}, "1111111100" * 3) for s in (0, 1)]
+    runs += [({**lora, "seed": 2, "train_loss": spiked, "key": "the spike"}, "0000000000" * 3)]
+    path = _file(tmp_path, runs)
+    claim = evidence.Claim("r = 64 reaches full fine-tuning", "4", lora, full)
+    row = evidence.ledger({"lm": path}, {"lm": (claim,)}, learned=False).iloc[0]
+    assert row["A"] == pytest.approx(0.8 * 2 / 3) and row["difference"] == pytest.approx(-0.8 / 3)
+    # the rule fixed before the runs keeps the spiked run: its seed, drawn in 70% of the resamples,
+    # pulls the interval far down; in the other 30% the difference is 0
+    assert row["low"] < -0.6 and row["high"] == 0 and row["verdict"] == "undecided"
+    assert row["spikes"] == 1 and row["spiked"] == "r=64 all, seed 2 (step 3)"
+    assert row["without spikes"].startswith("+0.000 [+0.000, +0.000] (2 seeds): provisional: reaches")
+    sentence = evidence.claim_sentence(row)
+    assert "1 run had a loss spike" in sentence and "post hoc and not the verdict" in sentence
+    quiet = evidence.ledger({"lm": path}, {"lm": (evidence.LM_CLAIMS[0],)}, learned=False).iloc[0]
+    assert quiet["spiked"] == "" and "spike" not in evidence.claim_sentence(quiet)
+    table = evidence.stability_table(evidence.test_runs(path)[1])
+    assert list(table.index) == ["r=64 all", "full"]  # the constant reply has no losses
+    assert list(table["runs with a spike"]) == [1, 0] and list(table["seeds"]) == [3, 3]
+    assert list(table.iloc[:, 2]) == [2.0, pytest.approx(0.1 / 2.0)]  # from the step it learned

@@ -13,6 +13,11 @@
   "reaches" = the interval of the difference lies within +-``MARGIN``; "below" / "above" = the
   interval lies on one side of 0 without being within the margin; "undecided" otherwise. With
   fewer than ``MIN_SEEDS`` seeds on either side a verdict is marked provisional.
+- **Loss spikes**: a run whose training loss, once it had learned (below a tenth of its first
+  value), rose above its first value again (``loss_spike``). Such runs stay in the verdict: the
+  rule came after a run of record spiked, so dropping them would choose the evidence after seeing
+  it. The ledger names them and gives, beside the verdict, the same comparison without them,
+  marked post hoc.
 - **Ledger**: one row per claim of the talk, with its estimate, verdict, records and chapter.
 """
 
@@ -150,6 +155,43 @@ def score_matrix(runs: Sequence[dict]) -> np.ndarray:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"runs share a seed ({seeds}): pass one configuration at a time")
     return np.stack(rows).astype(float)
+
+
+def _learned_at(losses: Sequence[float]) -> int | None:
+    """The index at which the training loss first fell below a tenth of its first value."""
+    return next((i for i, loss in enumerate(losses) if loss < losses[0] / 10), None)
+
+
+def loss_spike(run: dict) -> int | None:
+    """The step (1-based) at which ``run``'s training loss, after it had fallen below a tenth of
+    its first value, rose above that first value: the run lost what it had learned. None when it
+    never did, or when the record keeps no training losses (ledger)."""
+    losses = run.get("train_loss") or []
+    learned = _learned_at(losses) if losses else None
+    if learned is None:
+        return None
+    return next((i + 1 for i in range(learned, len(losses)) if losses[i] > losses[0]), None)
+
+
+def stability_table(runs: Sequence[dict]) -> pd.DataFrame:
+    """Per configuration: seeds, runs with a ``loss_spike``, and the highest training loss after
+    the run had learned, as a fraction of its first loss (the largest over seeds; above 1 is a
+    spike) (ledger)."""
+    rows = []
+    for r in runs:
+        losses = r.get("train_loss") or []
+        learned = _learned_at(losses) if losses else None
+        if learned is not None:
+            rows.append({"configuration": short_label(r), "seed": r.get("seed"),
+                         "spiked": loss_spike(r) is not None,
+                         "worst": max(losses[learned:]) / losses[0]})
+    if not rows:
+        return pd.DataFrame()
+    return (pd.DataFrame(rows).groupby("configuration")
+            .agg(seeds=("seed", "size"), spiked=("spiked", "sum"), worst=("worst", "max"))
+            .rename(columns={"spiked": "runs with a spike",
+                             "worst": "highest loss after learning / first loss"})
+            .sort_values("highest loss after learning / first loss", ascending=False))
 
 
 # ---------------------------------------------------------------- statistics
@@ -315,20 +357,37 @@ QLORA_CLAIMS = (  # the QLoRA grid's file, qlora_record*.jsonl (record.qlora_gri
 )
 
 
+def _compare(claim: Claim, a: Sequence[dict], b: Sequence[dict]) -> tuple[np.ndarray, np.ndarray,
+                                                                           Estimate]:
+    """A's and B's score matrices and their paired difference, seeds counted as the claim needs."""
+    A, B = score_matrix(a), score_matrix(b)
+    diff = difference(A, B)
+    if claim.b.get("method") in UNTRAINED:  # no seeds to vary: A's seeds are what count
+        diff = Estimate(diff.mean, diff.low, diff.high, A.shape[0], diff.examples)
+    return A, B, diff
+
+
 def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
     a, b = select(runs, **claim.a), select(runs, **claim.b)
     row = {"claim": claim.talk, "chapter": claim.chapter, "file": file}
     if not a or not b:
         missing = " and ".join(name for name, x in (("A", a), ("B", b)) if not x)
         return {**row, "A": None, "B": None, "difference": None, "low": None, "high": None,
-                "seeds": 0, "verdict": f"no records yet ({missing})", "keys": ""}
-    A, B = score_matrix(a), score_matrix(b)
-    diff = difference(A, B)
-    if claim.b.get("method") in UNTRAINED:  # no seeds to vary: A's seeds are what count
-        diff = Estimate(diff.mean, diff.low, diff.high, A.shape[0], diff.examples)
+                "seeds": 0, "verdict": f"no records yet ({missing})", "keys": "", "spikes": 0,
+                "spiked": "", "without spikes": ""}
+    A, B, diff = _compare(claim, a, b)
+    spiked = {r["key"]: f"{short_label(r)}, seed {r.get('seed')} (step {loss_spike(r)})"
+              for r in a + b if loss_spike(r)}
+    kept_a, kept_b = ([r for r in x if r["key"] not in spiked] for x in (a, b))
+    without = ""
+    if spiked and kept_a and kept_b:  # the same comparison without them: post hoc
+        _, _, other = _compare(claim, kept_a, kept_b)
+        without = f"{other} ({other.seeds} seed{'s' if other.seeds != 1 else ''}): {claim.decide(other)}"
     return {**row, "A": float(A.mean()), "B": float(B.mean()), "difference": diff.mean,
             "low": diff.low, "high": diff.high, "seeds": diff.seeds,
-            "verdict": claim.decide(diff), "keys": "; ".join(r["key"] for r in a + b)}
+            "verdict": claim.decide(diff), "keys": "; ".join(r["key"] for r in a + b),
+            "spikes": len(spiked), "spiked": "; ".join(spiked.values()),
+            "without spikes": without}
 
 
 def ledger(files: dict[str, str | os.PathLike | Sequence[str | os.PathLike] | None] | None = None,
@@ -357,9 +416,17 @@ def claim_sentence(row: pd.Series | dict) -> str:
         if row.get("A") is None or row["A"] != row["A"]:
             return f"{row['claim']}: {row['verdict']}."
         return f"{row['claim']}: A = {row['A']:.3f}, B = {row['B']:.3f}: {row['verdict']}."
-    return (f"{row['claim']}: {row['A']:.3f} against {row['B']:.3f}, difference "
+    said = (f"{row['claim']}: {row['A']:.3f} against {row['B']:.3f}, difference "
             f"{row['difference']:+.3f} (95% interval {row['low']:+.3f} to {row['high']:+.3f}, "
             f"{row['seeds']} seed{'s' if row['seeds'] != 1 else ''}): **{row['verdict']}**.")
+    n = row.get("spikes")
+    if n and n == n:  # NaN in the rows without a comparison
+        n = int(n)
+        said += (f" Behind it, {n} run{'s' if n != 1 else ''} had a loss spike "
+                 f"(`evidence.loss_spike`): {row['spiked']}"
+                 + (f"; without {'them' if n != 1 else 'it'}, post hoc and not the verdict: "
+                    f"{row['without spikes']}." if row.get("without spikes") else "."))
+    return said
 
 
 def field_scores(runs: Sequence[dict]) -> pd.DataFrame:
