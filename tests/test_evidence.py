@@ -205,18 +205,34 @@ def test_qlora_rows_compare_the_dense_quality_runs_with_float_lora(tmp_path):
 
 
 def test_a_loss_spike_is_a_rise_above_the_first_loss_after_learning():
-    assert evidence.loss_spike({"train_loss": [2.0, 0.5, 0.1, 0.15, 3.0, 1.0]}) == 5
-    assert evidence.loss_spike({"train_loss": [2.0, 2.5, 0.1]}) is None  # above it before learning
-    assert evidence.loss_spike({"train_loss": [2.0, 0.3, 1.9, 0.2]}) is None  # never below 0.2
-    assert evidence.loss_spike({"train_loss": [2.0, 0.1, 1.5, 0.01]}) is None  # noisy, not above
+    def spike(losses):
+        return evidence.loss_spike({"train_loss": losses}, window=1)  # the rule on raw steps
+
+    assert spike([2.0, 0.5, 0.1, 0.15, 3.0, 1.0]) == 5
+    assert spike([2.0, 2.5, 0.1]) is None  # above it before learning
+    assert spike([2.0, 0.3, 1.9, 0.2]) is None  # never below 0.2
+    assert spike([2.0, 0.1, 1.5, 0.01]) is None  # noisy, not above
     assert evidence.loss_spike({"train_loss": []}) is None
     assert evidence.loss_spike({}) is None
+
+
+def test_a_loss_spike_reads_the_running_mean_so_one_batch_decides_nothing():
+    assert list(evidence.running_mean([1.0, 3.0, 5.0, 7.0], window=2)) == [1.0, 2.0, 4.0, 6.0]
+    with pytest.raises(ValueError, match="positive"):
+        evidence.running_mean([1.0], window=0)
+    # a classifier's batch loss: one lucky batch below a tenth, one unlucky one above the first
+    noisy = [0.69] + [0.3] * 20 + [0.05] + [0.3] * 20 + [0.9] + [0.3] * 20
+    assert evidence.loss_spike({"train_loss": noisy}, window=1) == 43  # the raw rule is fooled
+    assert evidence.loss_spike({"train_loss": noisy}) is None  # never learned, on the mean
+    lost = [2.0] + [0.05] * 20 + [4.0] * 10  # learned, then stayed far above where it began
+    # the 10-step mean falls below 0.2 at index 10 and passes 2.0 once 5 of its steps are 4.0
+    assert evidence.loss_spike({"train_loss": lost}) == 26
 
 
 def test_a_spiked_run_stays_in_the_verdict_and_the_row_says_what_it_changes(tmp_path):
     full = {"method": "full"}
     lora = {"method": "lora", "r": 64, "targets": "all", "scaling": "rslora"}
-    calm, spiked = [2.0, 0.1, 0.05], [2.0, 0.1, 4.0, 1.0]
+    calm, spiked = [2.0] + [0.05] * 30, [2.0] + [0.05] * 20 + [4.0] * 10
     runs = [({**full, "seed": s, "train_loss": calm}, "1111111100" * 3) for s in (0, 1, 2)]
     runs += [({**lora, "seed": s, "train_loss": calm}, "1111111100" * 3) for s in (0, 1)]
     runs += [({**lora, "seed": 2, "train_loss": spiked, "key": "the spike"}, "0000000000" * 3)]
@@ -227,7 +243,7 @@ def test_a_spiked_run_stays_in_the_verdict_and_the_row_says_what_it_changes(tmp_
     # the rule fixed before the runs keeps the spiked run: its seed, drawn in 70% of the resamples,
     # pulls the interval far down; in the other 30% the difference is 0
     assert row["low"] < -0.6 and row["high"] == 0 and row["verdict"] == "undecided"
-    assert row["spikes"] == 1 and row["spiked"] == "r=64 all, seed 2 (step 3)"
+    assert row["spikes"] == 1 and row["spiked"] == "r=64 all, seed 2 (step 26)"
     assert row["without spikes"].startswith("+0.000 [+0.000, +0.000] (2 seeds): provisional: reaches")
     sentence = evidence.claim_sentence(row)
     assert "1 run had a loss spike" in sentence and "post hoc and not the verdict" in sentence
@@ -235,5 +251,14 @@ def test_a_spiked_run_stays_in_the_verdict_and_the_row_says_what_it_changes(tmp_
     assert quiet["spiked"] == "" and "spike" not in evidence.claim_sentence(quiet)
     table = evidence.stability_table(evidence.test_runs(path)[1])
     assert list(table.index) == ["r=64 all", "full"]  # the constant reply has no losses
-    assert list(table["runs with a spike"]) == [1, 0] and list(table["seeds"]) == [3, 3]
-    assert list(table.iloc[:, 2]) == [2.0, pytest.approx(0.1 / 2.0)]  # from the step it learned
+    assert list(table["runs with a spike"]) == [1, 0] and list(table["seeds that learned"]) == [3, 3]
+    # the running mean from the step it learned (index 10, when the first loss leaves the window):
+    # the spike's last 10 steps are all 4.0; a calm run stays at 0.05
+    assert list(table["highest loss after learning / first loss"]) == [2.0, pytest.approx(0.05 / 2.0)]
+    assert list(table["final loss / first loss"]) == [2.0, pytest.approx(0.05 / 2.0)]
+    # a classifier that collapsed to one class: it never learned, and ends at its first loss
+    collapsed = {**lora, "r": 8, "seed": 0, "train_loss": [0.69] + [0.6] * 20 + [0.69] * 20}
+    row = evidence.stability_table([collapsed]).iloc[0]
+    assert row["seeds"] == 1 and row["seeds that learned"] == 0 and row["runs with a spike"] == 0
+    assert np.isnan(row["highest loss after learning / first loss"])
+    assert row["final loss / first loss"] == pytest.approx(1.0)

@@ -64,7 +64,7 @@ def test_lr_choices_measure_the_rise_towards_an_edge_and_the_ties_with_the_choic
             _val_scored("lora", 2e-3, 100), _val_scored("lora", 4e-3, 162)]
     got = {c["method"]: c for c in record.lr_choices(recs, "lm")}
     full, lora = got["full"], got["lora"]
-    assert full["rising"] and full["ties"] == [] and "rise at every step" in full["note"]
+    assert full["rising"] and full["ties"] == [] and "rise (or hold) at every step" in full["note"]
     assert full["vs_chosen"][5e-5].mean == pytest.approx(-0.2)
     assert full["vs_chosen"][5e-5].high < 0  # 40 messages of 200 apart: not noise
     assert not lora["rising"] and "do not rise steadily" in lora["note"]
@@ -73,6 +73,12 @@ def test_lr_choices_measure_the_rise_towards_an_edge_and_the_ties_with_the_choic
     assert d.mean == pytest.approx(-0.01) and d.low < 0 < d.high and d.examples == 200
     assert "within the validation noise" in lora["note"] and "0.001 (-0.010" in lora["note"]
     assert lora["scores"] == {5e-4: 0.8, 1e-3: 0.8, 2e-3: 0.5, 4e-3: 0.81}
+    # the encoder's LoRA of record: the two higher rates collapse to chance, the lowest wins
+    collapsed = [{**_val_scored("lora", lr, ones), "model": "encoder"}
+                 for lr, ones in ((1e-3, 160), (3e-3, 100), (1e-2, 100))]
+    (low,) = record.lr_choices(collapsed, "encoder")
+    assert low["position"] == "lowest candidate" and low["rising"]
+    assert "rise (or hold) at every step towards the edge" in low["note"]
 
 
 def test_lr_specs_are_validation_runs_of_every_candidate():

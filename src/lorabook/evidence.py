@@ -13,8 +13,9 @@
   "reaches" = the interval of the difference lies within +-``MARGIN``; "below" / "above" = the
   interval lies on one side of 0 without being within the margin; "undecided" otherwise. With
   fewer than ``MIN_SEEDS`` seeds on either side a verdict is marked provisional.
-- **Loss spikes**: a run whose training loss, once it had learned (below a tenth of its first
-  value), rose above its first value again (``loss_spike``). Such runs stay in the verdict: the
+- **Loss spikes**: a run whose training loss (its running mean over ``SPIKE_WINDOW`` steps, so
+  that one noisy batch decides nothing), once it had learned (below a tenth of its first value),
+  rose above its first value again (``loss_spike``). Such runs stay in the verdict: the
   rule came after a run of record spiked, so dropping them would choose the evidence after seeing
   it. The ledger names them and gives, beside the verdict, the same comparison without them,
   marked post hoc.
@@ -38,6 +39,7 @@ MARGIN = 0.03  # "reaches" = the difference's 95% interval lies within +-3 point
 MIN_SEEDS = 3  # fewer seeds on either side: the verdict is provisional
 N_BOOT = 4000  # bootstrap resamples
 LEVEL = 0.95  # interval coverage
+SPIKE_WINDOW = 10  # steps in the running mean of the training loss that loss_spike reads
 
 
 @dataclass(frozen=True)
@@ -157,41 +159,63 @@ def score_matrix(runs: Sequence[dict]) -> np.ndarray:
     return np.stack(rows).astype(float)
 
 
+def running_mean(losses: Sequence[float], window: int = 10) -> np.ndarray:
+    """Each step's mean over the last ``window`` steps (fewer at the start) (ledger)."""
+    x = np.asarray(losses, dtype=float)
+    if window < 1:
+        raise ValueError(f"window must be a positive number of steps, got {window}")
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(len(x))
+    lo = np.maximum(0, i - window + 1)
+    return (c[i + 1] - c[lo]) / (i + 1 - lo)
+
+
 def _learned_at(losses: Sequence[float]) -> int | None:
-    """The index at which the training loss first fell below a tenth of its first value."""
+    """The index at which the (smoothed) training loss first fell below a tenth of its first value."""
     return next((i for i, loss in enumerate(losses) if loss < losses[0] / 10), None)
 
 
-def loss_spike(run: dict) -> int | None:
+def loss_spike(run: dict, window: int = SPIKE_WINDOW) -> int | None:
     """The step (1-based) at which ``run``'s training loss, after it had fallen below a tenth of
-    its first value, rose above that first value: the run lost what it had learned. None when it
-    never did, or when the record keeps no training losses (ledger)."""
-    losses = run.get("train_loss") or []
-    learned = _learned_at(losses) if losses else None
+    its first value, rose above that first value: the run lost what it had learned. The loss is
+    the running mean over ``window`` steps: one batch, even one that is much easier or harder than
+    the rest, decides nothing (a classifier's batch loss swings by 10x from step to step). None
+    when it never did, or when the record keeps no training losses (ledger)."""
+    raw = run.get("train_loss") or []
+    losses = running_mean(raw, window) if raw else []
+    learned = _learned_at(losses) if len(losses) else None
     if learned is None:
         return None
     return next((i + 1 for i in range(learned, len(losses)) if losses[i] > losses[0]), None)
 
 
-def stability_table(runs: Sequence[dict]) -> pd.DataFrame:
-    """Per configuration: seeds, runs with a ``loss_spike``, and the highest training loss after
-    the run had learned, as a fraction of its first loss (the largest over seeds; above 1 is a
-    spike) (ledger)."""
+def stability_table(runs: Sequence[dict], window: int = SPIKE_WINDOW) -> pd.DataFrame:
+    """Per configuration, from the running mean of each run's training loss over ``window`` steps:
+    its seeds; how many learned (the mean fell below a tenth of the first loss); how many had a
+    ``loss_spike``; the highest mean after the run had learned and the mean over the last
+    ``window`` steps, each as a fraction of the first loss, the largest over seeds. Above 1 after
+    learning is a spike; a final loss near 1 is a run that ended where it began (a classifier
+    that collapsed to one class ends at ln 2, its first loss) (ledger)."""
     rows = []
     for r in runs:
-        losses = r.get("train_loss") or []
-        learned = _learned_at(losses) if losses else None
-        if learned is not None:
-            rows.append({"configuration": short_label(r), "seed": r.get("seed"),
-                         "spiked": loss_spike(r) is not None,
-                         "worst": max(losses[learned:]) / losses[0]})
+        raw = r.get("train_loss") or []
+        if not raw:
+            continue
+        losses = running_mean(raw, window)
+        learned = _learned_at(losses)
+        rows.append({"configuration": short_label(r), "seed": r.get("seed"),
+                     "learned": learned is not None, "spiked": loss_spike(r, window) is not None,
+                     "worst": np.nan if learned is None else max(losses[learned:]) / losses[0],
+                     "final": float(np.mean(raw[-window:])) / losses[0]})
     if not rows:
         return pd.DataFrame()
     return (pd.DataFrame(rows).groupby("configuration")
-            .agg(seeds=("seed", "size"), spiked=("spiked", "sum"), worst=("worst", "max"))
-            .rename(columns={"spiked": "runs with a spike",
-                             "worst": "highest loss after learning / first loss"})
-            .sort_values("highest loss after learning / first loss", ascending=False))
+            .agg(seeds=("seed", "size"), learned=("learned", "sum"), spiked=("spiked", "sum"),
+                 worst=("worst", "max"), final=("final", "max"))
+            .rename(columns={"learned": "seeds that learned", "spiked": "runs with a spike",
+                             "worst": "highest loss after learning / first loss",
+                             "final": "final loss / first loss"})
+            .sort_values("final loss / first loss", ascending=False))
 
 
 # ---------------------------------------------------------------- statistics

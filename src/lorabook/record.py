@@ -134,8 +134,9 @@ def lr_choices(records: Sequence[dict], model: str) -> list[dict]:
     candidate" or "lowest candidate": then the best rate may lie outside the range, and a verdict
     compares the method at its best *tried* rate, not its best. A candidate with no record (not
     run, or diverged) is listed in ``missing``. ``scores`` maps each tried rate to its validation
-    score. ``rising`` is True when that score rises at every step towards an edge choice (then the
-    best rate may lie beyond the range). ``vs_chosen`` maps each candidate that kept its
+    score. ``rising`` is True when that score rises (or holds) at every step towards an edge
+    choice and ends higher than it began (then the best rate may lie beyond the range; two rates
+    far from the choice that both collapse to chance "hold"). ``vs_chosen`` maps each candidate that kept its
     validation messages' scores to its difference from the chosen rate (``evidence.difference``,
     paired on the messages, one seed each); ``ties`` are the candidates whose interval holds 0:
     the choice among them is a tie within the validation noise. ``note`` says it in one line.
@@ -152,7 +153,8 @@ def lr_choices(records: Sequence[dict], model: str) -> list[dict]:
         missing = [c for c in candidates if c not in runs]
         scores = {c: float(runs[c]["score"]) for c in sorted(runs)}
         towards = list(scores.values()) if position == "highest candidate" else list(scores.values())[::-1]
-        rising = position != "inside" and all(x < y for x, y in zip(towards[:-1], towards[1:], strict=True))
+        rising = (position != "inside" and towards[0] < towards[-1]
+                  and all(x <= y for x, y in zip(towards[:-1], towards[1:], strict=True)))
         vs_chosen = {}
         if "per_example" in runs[lr]:
             chosen = evidence.score_matrix([runs[lr]])
@@ -167,11 +169,11 @@ def lr_choices(records: Sequence[dict], model: str) -> list[dict]:
         if position != "inside" and len(scores) > 1:
             profile = ", ".join(f"{c:g}: {v:.3f}" for c, v in scores.items())
             note += (f"; validation scores {profile}: "
-                     + ("they rise at every step towards the edge" if rising
+                     + ("they rise (or hold) at every step towards the edge" if rising
                         else "they do not rise steadily towards the edge"))
         if ties:
             note += ("; within the validation noise of the choice (paired differences on "
-                     f"{vs_chosen[ties[0]].examples} messages): "
+                     f"{vs_chosen[ties[0]].examples} examples): "
                      + ", ".join(f"{c:g} ({vs_chosen[c]})" for c in ties))
         out.append({"method": method, "chosen": lr, "candidates": candidates,
                     "position": position, "missing": missing, "scores": scores, "rising": rising,
