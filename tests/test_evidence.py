@@ -262,3 +262,23 @@ def test_a_spiked_run_stays_in_the_verdict_and_the_row_says_what_it_changes(tmp_
     assert row["seeds"] == 1 and row["seeds that learned"] == 0 and row["runs with a spike"] == 0
     assert np.isnan(row["highest loss after learning / first loss"])
     assert row["final loss / first loss"] == pytest.approx(1.0)
+
+
+def test_records_name_the_commands_that_made_them(tmp_path):
+    made = [{"command": "/x/src/lorabook/record.py --model lm --only lm|full|* --out f", "created": "a"},
+            {"command": "/x/src/lorabook/record.py --model lm --only lm|full|* --out f", "created": "b"},
+            {"command": "/x/src/lorabook/record.py --worker --queue q --out f.shard3", "created": "c"}]
+    runs = [({"method": "full", "seed": s, "provenance": p}, "1100") for s, p in enumerate(made)]
+    rec = evidence.load("lm", _file(tmp_path, runs).parent)
+    assert rec.provenance["commands"] == (
+        "2 runs: python -m lorabook.record --model lm --only lm|full|* --out f; "
+        "1 run: a worker of python -m lorabook.record --workers N (its command line was not stored)")
+
+
+def test_a_worker_records_its_parents_command(monkeypatch):
+    from lorabook import experiments
+
+    monkeypatch.setattr("sys.argv", ["record.py", "--worker", "--queue", "q"])
+    assert experiments.provenance()["command"] == "record.py --worker --queue q"
+    monkeypatch.setenv("LORABOOK_PARENT_COMMAND", "record.py --model lm --workers 11 --out f")
+    assert experiments.provenance()["command"] == "record.py --model lm --workers 11 --out f"

@@ -512,6 +512,18 @@ def _machine(provenance: dict) -> str:
     return provenance.get("device_name", "?")
 
 
+def _command(provenance: dict) -> str:
+    """The command that made a run, as a reader would type it: ``python -m lorabook.record ...``
+    (a process records its script's path); a worker of ``--workers N`` made before its parent's
+    command was recorded is named as such."""
+    args = provenance.get("command", "?").split(" ")
+    if args[0].endswith(("lorabook/record.py", "lorabook.record")):
+        if "--worker" in args:
+            return "a worker of python -m lorabook.record --workers N (its command line was not stored)"
+        args = ["python -m lorabook.record"] + args[1:]
+    return " ".join(args)
+
+
 @dataclass(frozen=True)
 class Records:
     """Results files of record, read: their paths (GPU file first), header and test runs (chapter 4)."""
@@ -544,10 +556,8 @@ class Records:
             "commits": sorted({m.get("commit", "?")[:10] for m in made}),
             "made": f"{min(m['created'] for m in made)} to {max(m['created'] for m in made)}"
             if made else "",
-            "command": f"LORABOOK_MODE=record python -m lorabook.record --model {model} "
-                       f"--out benchmarks/results/{self.path.name}"
-                       + "".join(f"; continued into {p.name} with --lr-from {self.path.name} "
-                                 "(README, 'Runs of record')" for p in self.paths[1:]),
+            "commands": "; ".join(f"{n} run{'' if n == 1 else 's'}: {c}" for c, n in
+                                  Counter(map(_command, made)).most_common()),
         }
 
 

@@ -48,7 +48,9 @@ def provenance(extra: dict | None = None) -> dict:
     # A copy of the tree sent elsewhere (a lent GPU machine) may carry a stale .git or none:
     # $LORABOOK_COMMIT, when set, names the commit that was sent.
     commit = os.environ.get("LORABOOK_COMMIT") or LOADED_COMMIT or "unknown"
-    return {"command": " ".join(sys.argv), "commit": commit, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    # a worker process (python -m lorabook.record --workers N) records the command that started it
+    command = os.environ.get("LORABOOK_PARENT_COMMAND") or " ".join(sys.argv)
+    return {"command": command, "commit": commit, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
             "platform": platform.platform(), **describe(), **(extra or {})}
 
 

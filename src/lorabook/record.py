@@ -355,7 +355,8 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, workers: int, deadline: fl
     claims = out.parent / f".claims_{stamp}"
     claims.mkdir(parents=True)
     queue.write_text(json.dumps([asdict(s) for s in todo]))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "LORABOOK_PARENT_COMMAND": " ".join(sys.argv)}  # the workers' provenance names it
     procs = [subprocess.Popen([sys.executable, "-m", "lorabook.record", "--worker",
                                "--queue", str(queue), "--claims", str(claims),
                                "--out", str(out.parent / f"{out.name}.shard{i}"),
