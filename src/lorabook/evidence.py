@@ -159,7 +159,7 @@ def score_matrix(runs: Sequence[dict]) -> np.ndarray:
     return np.stack(rows).astype(float)
 
 
-def running_mean(losses: Sequence[float], window: int = 10) -> np.ndarray:
+def running_mean(losses: Sequence[float], window: int = SPIKE_WINDOW) -> np.ndarray:
     """Each step's mean over the last ``window`` steps (fewer at the start) (ledger)."""
     x = np.asarray(losses, dtype=float)
     if window < 1:
@@ -206,7 +206,7 @@ def stability_table(runs: Sequence[dict], window: int = SPIKE_WINDOW) -> pd.Data
         rows.append({"configuration": short_label(r), "seed": r.get("seed"),
                      "learned": learned is not None, "spiked": loss_spike(r, window) is not None,
                      "worst": np.nan if learned is None else max(losses[learned:]) / losses[0],
-                     "final": float(np.mean(raw[-window:])) / losses[0]})
+                     "final": losses[-1] / losses[0]})
     if not rows:
         return pd.DataFrame()
     return (pd.DataFrame(rows).groupby("configuration")

@@ -136,10 +136,11 @@ def lr_choices(records: Sequence[dict], model: str) -> list[dict]:
     run, or diverged) is listed in ``missing``. ``scores`` maps each tried rate to its validation
     score. ``rising`` is True when that score rises (or holds) at every step towards an edge
     choice and ends higher than it began (then the best rate may lie beyond the range; two rates
-    far from the choice that both collapse to chance "hold"). ``vs_chosen`` maps each candidate that kept its
-    validation messages' scores to its difference from the chosen rate (``evidence.difference``,
-    paired on the messages, one seed each); ``ties`` are the candidates whose interval holds 0:
-    the choice among them is a tie within the validation noise. ``note`` says it in one line.
+    far from the choice that both collapse to chance "hold"). ``vs_chosen`` maps each candidate
+    that kept its validation examples' scores to its difference from the chosen rate
+    (``evidence.difference``, paired on the examples, one seed each); ``ties`` are the candidates
+    whose interval holds 0: the choice among them is a tie within the validation noise. ``note``
+    says it in one line.
     """
     methods = sorted({r["method"] for r in records if r.get("split") == "val"
                       and r.get("model") == model and r.get("variant") is None})
