@@ -251,16 +251,16 @@ def test_a_spiked_run_stays_in_the_verdict_and_the_row_says_what_it_changes(tmp_
     assert quiet["spiked"] == "" and "spike" not in evidence.claim_sentence(quiet)
     table = evidence.stability_table(evidence.test_runs(path)[1])
     assert list(table.index) == ["r=64 all", "full"]  # the constant reply has no losses
-    assert list(table["runs with a spike"]) == [1, 0] and list(table["seeds that learned"]) == [3, 3]
+    assert list(table["spikes"]) == [1, 0] and list(table["learned"]) == [3, 3]
     # the running mean from the step it learned (index 10, when the first loss leaves the window):
     # the spike's last 10 steps are all 4.0; a calm run stays at 0.05
-    assert list(table["highest loss after learning / first loss"]) == [2.0, pytest.approx(0.05 / 2.0)]
+    assert list(table["peak after learning / first loss"]) == [2.0, pytest.approx(0.05 / 2.0)]
     assert list(table["final loss / first loss"]) == [2.0, pytest.approx(0.05 / 2.0)]
     # a classifier that collapsed to one class: it never learned, and ends at its first loss
     collapsed = {**lora, "r": 8, "seed": 0, "train_loss": [0.69] + [0.6] * 20 + [0.69] * 20}
     row = evidence.stability_table([collapsed]).iloc[0]
-    assert row["seeds"] == 1 and row["seeds that learned"] == 0 and row["runs with a spike"] == 0
-    assert np.isnan(row["highest loss after learning / first loss"])
+    assert row["seeds"] == 1 and row["learned"] == 0 and row["spikes"] == 0
+    assert np.isnan(row["peak after learning / first loss"])
     assert row["final loss / first loss"] == pytest.approx(1.0)
 
 

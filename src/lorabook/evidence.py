@@ -211,10 +211,9 @@ def stability_table(runs: Sequence[dict], window: int = SPIKE_WINDOW) -> pd.Data
         return pd.DataFrame()
     return (pd.DataFrame(rows).groupby("configuration")
             .agg(seeds=("seed", "size"), learned=("learned", "sum"), spiked=("spiked", "sum"),
-                 worst=("worst", "max"), final=("final", "max"))
-            .rename(columns={"learned": "seeds that learned", "spiked": "runs with a spike",
-                             "worst": "highest loss after learning / first loss",
-                             "final": "final loss / first loss"})
+                 final=("final", "max"), worst=("worst", "max"))
+            .rename(columns={"spiked": "spikes", "final": "final loss / first loss",
+                             "worst": "peak after learning / first loss"})
             .sort_values("final loss / first loss", ascending=False))
 
 
