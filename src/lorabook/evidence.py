@@ -182,8 +182,12 @@ def loss_spike(run: dict, window: int = SPIKE_WINDOW) -> int | None:
     the rest, decides nothing (a classifier's batch loss swings by 10x from step to step). None
     when it never did, or when the record keeps no training losses (ledger)."""
     raw = run.get("train_loss") or []
-    losses = running_mean(raw, window) if raw else []
-    learned = _learned_at(losses) if len(losses) else None
+    return _spike_step(running_mean(raw, window)) if raw else None
+
+
+def _spike_step(losses: np.ndarray) -> int | None:
+    """``loss_spike`` on an already smoothed loss curve."""
+    learned = _learned_at(losses)
     if learned is None:
         return None
     return next((i + 1 for i in range(learned, len(losses)) if losses[i] > losses[0]), None)
@@ -204,7 +208,7 @@ def stability_table(runs: Sequence[dict], window: int = SPIKE_WINDOW) -> pd.Data
         losses = running_mean(raw, window)
         learned = _learned_at(losses)
         rows.append({"configuration": short_label(r), "seed": r.get("seed"),
-                     "learned": learned is not None, "spiked": loss_spike(r, window) is not None,
+                     "learned": learned is not None, "spiked": _spike_step(losses) is not None,
                      "worst": np.nan if learned is None else max(losses[learned:]) / losses[0],
                      "final": losses[-1] / losses[0]})
     if not rows:
