@@ -96,13 +96,13 @@ def test_constant_baseline_scores_the_reply_it_names():
     assert 0 <= base["exact"] <= base["intent_accuracy"] <= 1
 
 
-def _file(tmp_path, runs):
+def _file(tmp_path, runs, prefix="k"):
     from lorabook.config import get_settings
 
     path = tmp_path / "lm_record.jsonl"
     open_results(path, get_settings("fast"))
     for i, (fields, bits) in enumerate(runs):
-        append_record(path, {"key": f"k{i}", "split": None, "per_example": bits, **fields})
+        append_record(path, {"key": f"{prefix}{i}", "split": None, "per_example": bits, **fields})
     return path
 
 
@@ -202,6 +202,25 @@ def test_qlora_rows_compare_the_dense_quality_runs_with_float_lora(tmp_path):
     assert (nf4["A"], nf4["B"], nf4["seeds"]) == (0.7, 0.8, 3)  # the timing run is not a quality run
     assert not nf4["verdict"].startswith("provisional") and nf4["verdict"] != "reaches"
     assert fp4["verdict"] == "no records yet (A)"
+
+
+def test_qlora_rows_read_their_float_reference_from_the_main_grid(tmp_path, monkeypatch):
+    """A QLoRA grid continued from the main one (record --grid qlora --lr-from): its 4-bit runs in
+    qlora_record.jsonl, the float-base LoRA runs (the same keys) in the main grid's file."""
+    lora = {"method": "lora", "r": 8, "targets": "all", "scaling": "rslora", "lr": 4e-3}
+    main = _file(tmp_path, [({**lora, "base": "float", "seed": s}, "1111011110") for s in (0, 1, 2)])
+    (tmp_path / "q").mkdir()
+    qlora = _file(tmp_path / "q", [({**lora, "base": "nf4", "dense_base": True, "seed": s},
+                                    "1111011100") for s in (0, 1, 2)], prefix="q")
+    qlora = qlora.rename(tmp_path / "qlora_record.jsonl")
+    monkeypatch.setenv("LORABOOK_RESULTS", str(tmp_path))
+    table = evidence.ledger(claims={"qlora": evidence.QLORA_CLAIMS[:1]}, learned=False)
+    row = table.iloc[0]
+    assert (row["A"], row["B"], row["seeds"]) == (0.7, 0.8, 3)
+    assert row["file"] == f"{qlora.name} + {main.name}"
+    qlora.unlink()  # without a QLoRA file, its rows have no records, whatever the main grid holds
+    table = evidence.ledger(claims={"qlora": evidence.QLORA_CLAIMS[:1]}, learned=False)
+    assert table.iloc[0]["verdict"] == "no records yet (A and B)"
 
 
 def test_a_loss_spike_is_a_rise_above_the_first_loss_after_learning():

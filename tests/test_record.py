@@ -244,6 +244,28 @@ def test_run_record_qlora_grid_chooses_loras_lr_first(tmp_path, monkeypatch):
         record.run_record("encoder", out, settings=FAST, grid="qlora")
 
 
+def test_the_qlora_grid_continued_from_the_main_grid_takes_its_lora_rate(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(record, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(record, "LR_CANDIDATES", {("lm", "lora"): (1e-3, 4e-3)})
+    main = tmp_path / "lm_record_gpu.jsonl"
+    record.run_record("lm", main, settings=FAST, mixed_precision=False, stages=["lr"])
+    lr = record.choose_lr(read_results(main)[1], "lm", "lora")[0]
+    n = len(calls)
+    out = tmp_path / "qlora_record.jsonl"
+    recs = record.run_record("lm", out, settings=FAST, mixed_precision=False, grid="qlora",
+                             lr_from=main, only=["lm|lora|r=8|targets=all|*|base=nf4|seed=[01]|*|dense_base=True"])
+    assert calls[n:] == [r["key"] for r in recs]  # no stage 1 of its own: the main grid's
+    assert [r["key"] for r in recs] == [
+        f"lm|lora|r=8|targets=all|scaling=rslora|base=nf4|seed={seed}|alpha=16.0|lr={lr}|"
+        f"steps={FAST.train_steps}|dense_base=True" for seed in (0, 1)]
+    without_lora = tmp_path / "full_only.jsonl"
+    monkeypatch.setattr(record, "LR_CANDIDATES", {("lm", "full"): (1e-4,)})
+    record.run_record("lm", without_lora, settings=FAST, mixed_precision=False, stages=["lr"])
+    with pytest.raises(ValueError, match="no LoRA runs on the validation split"):
+        record.run_record("lm", out, settings=FAST, grid="qlora", lr_from=without_lora)
+
+
 def test_the_command_runs_the_qlora_grid(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(record, "run_record", lambda *a: seen.setdefault("args", a) and [])

@@ -13,12 +13,17 @@ Loaded from ``_config.yml`` (``sphinx.local_extensions``). What it does, and why
   does not use); the Colab badge comes from ``_static``; animation players get Unicode icons
   instead of Font Awesome from a CDN (``lorabook.viz.animations.offline_jshtml``).
   MathJax 3 itself is served from ``_static/mathjax`` by ``sphinx-mathjax-offline``.
+- **The site's front door**: ``index.html`` redirects to the first page, as the one
+  sphinx-external-toc writes, but with a title and the book's icon inline (a data URI): a page
+  without an icon makes the browser ask the server for ``/favicon.ico``, a 404 in the console.
 - **Readable outputs**: ``static/lorabook.css`` (wide tables scroll in their own box; only cells
   of long text, marked by ``lorabook.viz.tables.mark_long_cells``, wrap, at a readable width).
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import re
 from pathlib import Path
 
@@ -96,9 +101,30 @@ def _add_static(app) -> None:
     app.config.html_static_path.append(str(STATIC))
 
 
+def index_redirect(target: str, title: str, icon: Path = STATIC / "favicon.svg") -> str:
+    """The root ``index.html``: a redirect to ``target`` that names its icon inline."""
+    data = base64.b64encode(icon.read_bytes()).decode("ascii")
+    url = html.escape(target, quote=True)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title>"
+            f'<link rel="icon" type="image/svg+xml" href="data:image/svg+xml;base64,{data}">'
+            f'<meta http-equiv="Refresh" content="0; url={url}"></head>\n'
+            f'<body><a href="{url}">{html.escape(title)}</a></body></html>\n')
+
+
+def _write_index(app, exception) -> None:
+    """Before sphinx-external-toc's build-finished handler, which keeps an index.html it finds."""
+    if exception is not None or app.builder.name != "html" or app.config.root_doc == "index":
+        return
+    title = app.config.html_title or app.config.project
+    (Path(app.outdir) / "index.html").write_text(
+        index_redirect(f"{app.config.root_doc}.html", title), encoding="utf-8")
+
+
 def setup(app):
     _patch_myst_nb()
     app.connect("builder-inited", _add_static)
+    app.connect("build-finished", _write_index, priority=400)  # sphinx-external-toc's runs at 500
     app.connect("html-page-context", _local_only, priority=900)  # after the others added theirs
     app.add_css_file("lorabook.css")
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -426,15 +426,25 @@ def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
             "without spikes": without}
 
 
+def _ledger_paths(model: str) -> list[Path]:
+    """The files a model's ledger rows read. The QLoRA grid's float-base LoRA runs are the main
+    grid's (the same keys, at the same learning rate when the grid was run with ``--lr-from``):
+    its rows read the main LM files after its own, which win where both hold a run."""
+    if model != "qlora":
+        return record_paths(model)
+    own = record_paths("qlora")
+    return own + record_paths("lm") if own else []
+
+
 def ledger(files: dict[str, str | os.PathLike | Sequence[str | os.PathLike] | None] | None = None,
            claims: dict[str, Sequence[Claim]] | None = None, learned: bool = True) -> pd.DataFrame:
     """The claims ledger: each claim, A and B's scores, the difference with its 95% interval,
     the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder"/"qlora"
     to a results file or a list of them (default: ``record_paths``; "qlora" is the LM's QLoRA
-    grid). ``learned`` adds the rows of ``what_was_learned`` (Table 7, Figure 3) when the
+    grid, read with the main LM grid's files). ``learned`` adds the rows of ``what_was_learned`` (Table 7, Figure 3) when the
     adapters' factors are stored."""
     claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS, "qlora": QLORA_CLAIMS}
-    files = files if files is not None else {m: record_paths(m) for m in claims}
+    files = files if files is not None else {m: _ledger_paths(m) for m in claims}
     rows = []
     for model, model_claims in claims.items():
         paths = _as_paths(files.get(model) or [])

@@ -23,6 +23,13 @@ The QLoRA grid of record (chapters 6 and 7; on a GPU name the file ``qlora_recor
     LORABOOK_MODE=record python -m lorabook.record --model lm --grid qlora --workers 8 \\
         --out benchmarks/results/qlora_record.jsonl
 
+or its 4-bit runs at the LoRA rate of the main grid's stage 1, whose float-base LoRA runs are
+the QLoRA grid's 16-bit references (the evidence reads both grids' files)::
+
+    LORABOOK_MODE=record python -m lorabook.record --model lm --grid qlora --mixed-precision \\
+        --lr-from benchmarks/results/lm_record_gpu.jsonl --only 'lm|lora|*|base=nf4|*' \\
+        --out benchmarks/results/qlora_record.jsonl
+
 A grid begun on one machine can be continued on another in the same setting: ``--lr-from``
 names the first file, whose stage 1 chooses the learning rates and whose runs are not repeated;
 ``--only`` keeps the grid's runs whose key matches a pattern (the evidence reads both files)::
@@ -409,6 +416,9 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
     ``grid="qlora"`` (the LM only): LoRA's learning-rate candidates, then ``qlora_grid_specs``.
     ``lr_from``: continue the main grid of another results file (made in the same setting, e.g.
     on another machine): its stage 1 chooses the learning rates and its runs are not repeated.
+    With ``grid="qlora"``, the QLoRA grid at the LoRA rate that file's stage 1 chose: its
+    float-base runs are the main grid's LoRA runs (the same keys), so ``only`` keeps the 4-bit
+    ones and the evidence reads the float ones from the main grid's files.
     ``only``: fnmatch patterns on the run keys; the grid keeps the runs that match one of them
     (in the grid's order of priority), e.g. ``"lm|full|*"``.
     """
@@ -421,6 +431,9 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
         mixed_precision = torch.cuda.is_available()
     deadline = time.time() + budget_s
     out.parent.mkdir(parents=True, exist_ok=True)
+    if lr_from is not None:
+        return _continue_grid(model, out, Path(lr_from), workers, deadline, settings,
+                              mixed_precision, max_runs, only, grid)
     if grid == "qlora":
         if "lr" in stages:
             specs = [s for s in lr_specs(model) if s.method == "lora"]
@@ -432,9 +445,6 @@ def run_record(model: str, out: Path, workers: int = 1, budget_s: float = float(
             run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision)
             records = read_results(out)[1]
         return records
-    if lr_from is not None:
-        return _continue_grid(model, out, Path(lr_from), workers, deadline, settings,
-                              mixed_precision, max_runs, only)
     if "lr" in stages:
         run_parallel(lr_specs(model)[:max_runs], out, workers, deadline, settings, mixed_precision)
     records = read_results(out)[1] if out.exists() else []
@@ -470,15 +480,23 @@ def _matching(specs: Sequence[RunSpec], patterns: Sequence[str],
 
 def _continue_grid(model: str, out: Path, source: Path, workers: int, deadline: float,
                    settings: RunSettings, mixed_precision: bool, max_runs: int | None,
-                   only: Sequence[str]) -> list[dict]:
-    """The main grid of ``source`` continued into ``out``: same learning rates, none of its runs."""
+                   only: Sequence[str], grid: str = "main") -> list[dict]:
+    """The main grid of ``source`` continued into ``out``: same learning rates, none of its runs;
+    or (``grid="qlora"``) the QLoRA grid at the LoRA rate of ``source``'s stage 1."""
     if not source.is_file():
         raise FileNotFoundError(f"--lr-from {source}: no such results file")
     header, stage1 = read_results(source)
     if header.get("settings") != asdict(settings):
         raise ValueError(f"{source} was made in the setting {header.get('settings')}, not in this "
                          f"one ({asdict(settings)}): its runs and these would not be one grid")
-    specs = _matching(_chosen_grid(model, stage1), only, settings)
+    if grid == "qlora":
+        if not any(r.get("method") == "lora" and r.get("split") == "val" for r in stage1):
+            raise ValueError(f"--lr-from {source}: no LoRA runs on the validation split to "
+                             "choose the QLoRA grid's learning rate from")
+        specs = qlora_grid_specs(choose_lr(stage1, model, "lora")[0])
+    else:
+        specs = _chosen_grid(model, stage1)
+    specs = _matching(specs, only, settings)
     run_parallel(specs[:max_runs], out, workers, deadline, settings, mixed_precision,
                  frozenset(r["key"] for r in stage1))
     return read_results(out)[1] if out.exists() else []

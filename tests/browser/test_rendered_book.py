@@ -70,6 +70,8 @@ RAW_TABLE = re.compile(r"\|\s*(?::?-+:?|\u2014|\u2013)\s*\|\s*(?::?-+:?|\u2014|\
 # One pass over the page, in the browser: what a reader would see go wrong.
 INSPECT = """
 const out = {title: document.title, images: 0, broken: [], players: 0, errors: [], widgets: 0};
+// a page that names no icon makes the browser ask the server for /favicon.ico (a 404)
+out.icon = document.querySelector('link[rel~="icon"]') !== null;
 for (const img of document.images) {
   out.images += 1;
   if (!img.complete || img.naturalWidth === 0) out.broken.push(img.src.slice(0, 120));
@@ -205,6 +207,8 @@ def _offline_problems(state: dict, page: Path) -> list[str]:
         problems.append(f"requests to other hosts than the local server: {state['remote']}")
     if state["console"]:
         problems.append(f"console errors: {state['console']}")
+    if not state["icon"]:
+        problems.append("no <link rel=icon>: the browser asks the server for /favicon.ico")
     if state["math"] and state["mathjax"] != "typeset":
         problems.append(f"{state['math']} formulas but MathJax did not run: {state['mathjax']}")
     if state["math_unrendered"]:
@@ -280,6 +284,8 @@ def test_index_page_renders(browser):
     page = HTML / "index.html"
     if not page.is_file():
         pytest.skip("no index.html")
+    # the redirect leaves before the browser may ask for an icon: read the file itself too
+    assert 'rel="icon"' in page.read_text(encoding="utf-8"), "index.html names no icon"
     state = _load(browser, page)
     problems = [p for p in _offline_problems(state, page) if not p.startswith("absolute")]
     assert not problems, "\n".join(problems)
