@@ -430,10 +430,7 @@ def _ledger_paths(model: str) -> list[Path]:
     """The files a model's ledger rows read. The QLoRA grid's float-base LoRA runs are the main
     grid's (the same keys, at the same learning rate when the grid was run with ``--lr-from``):
     its rows read the main LM files after its own, which win where both hold a run."""
-    if model != "qlora":
-        return record_paths(model)
-    own = record_paths("qlora")
-    return own + record_paths("lm") if own else []
+    return record_paths(model) + (record_paths("lm") if model == "qlora" else [])
 
 
 def ledger(files: dict[str, str | os.PathLike | Sequence[str | os.PathLike] | None] | None = None,
