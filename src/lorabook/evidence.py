@@ -426,7 +426,7 @@ def _row(claim: Claim, runs: Sequence[dict], file: str) -> dict:
             "without spikes": without}
 
 
-def _ledger_paths(model: str) -> list[Path]:
+def ledger_paths(model: str) -> list[Path]:
     """The files a model's ledger rows read. The QLoRA grid's float-base LoRA runs are the main
     grid's (the same keys, at the same learning rate when the grid was run with ``--lr-from``):
     its rows read the main LM files after its own, which win where both hold a run."""
@@ -441,7 +441,7 @@ def ledger(files: dict[str, str | os.PathLike | Sequence[str | os.PathLike] | No
     grid, read with the main LM grid's files). ``learned`` adds the rows of ``what_was_learned`` (Table 7, Figure 3) when the
     adapters' factors are stored."""
     claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS, "qlora": QLORA_CLAIMS}
-    files = files if files is not None else {m: _ledger_paths(m) for m in claims}
+    files = files if files is not None else {m: ledger_paths(m) for m in claims}
     rows = []
     for model, model_claims in claims.items():
         paths = _as_paths(files.get(model) or [])
