@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from lorabook.viz.plots import color, use_style
 
-METHOD_COLOR = {"full": "full", "lora": "lora", "adapter": "adapter", "prefix": "prefix",
+METHOD_COLOR = {"full": "full", "lora": "lora", "qlora": "qlora", "adapter": "adapter", "prefix": "prefix",
                 "none": "base", "constant": "random"}
 
 
