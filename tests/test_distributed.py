@@ -9,7 +9,12 @@ is 1.2e-7) per gradient, which AdamW's division by each gradient's running RMS c
 update. Measured here (4 steps): losses differ by 4.8e-7 (of 4.9), LoRA weights by 1.1e-6 (of
 ~1e-2), full fine-tuning's by 2.6e-7; so losses are compared at rel 1e-5 and weights at rtol 1e-4,
 atol 1e-6. Against one process with gradient accumulation 2 the sums happen in the same order
-(micro-batch by micro-batch, then the halves' average), and the result is bitwise equal.
+(micro-batch by micro-batch, then the halves' average), and the result is bitwise equal for DDP.
+Under FSDP the losses are bitwise equal too, and so were the weights on one CI machine; on another
+(the same torch 2.13.0 wheel, 2026-12-06) up to 3.7e-9 apart, one unit in the last place of weights
+near 0.07, in about a tenth of the entries of each matrix. The step runs on each process's shard of
+the parameters, not on the whole tensor; the cause was not isolated further. FSDP's weights are
+held to 2 units in the last place of each tensor's largest entry.
 """
 
 from __future__ import annotations
@@ -72,12 +77,18 @@ def _one_process(*args, **kwargs) -> dict:
         torch.set_num_threads(threads)
 
 
-def _same_run(got: dict, want: dict, exact: bool = False) -> None:
+def _same_run(got: dict, want: dict, exact: bool = False, ulps: int = 0) -> None:
+    """``exact``: losses bitwise equal, weights within ``ulps`` units in the last place of each
+    tensor's largest entry (0: bitwise); otherwise the tolerances of the module's docstring."""
     assert got["tokens"] == want["tokens"]  # the same examples, step by step
     assert got["loss"] == (want["loss"] if exact else pytest.approx(want["loss"], rel=1e-5))
     assert sorted(got["weights"]) == sorted(want["weights"]) and got["weights"]
     for name, w in want["weights"].items():
-        tol = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-4, "atol": 1e-6}
+        if exact:
+            ulp = torch.finfo(w.dtype).eps * w.abs().max().item()
+            tol = {"rtol": 0.0, "atol": ulps * ulp}
+        else:
+            tol = {"rtol": 1e-4, "atol": 1e-6}
         torch.testing.assert_close(got["weights"][name], w, **tol, msg=name)
 
 
@@ -92,7 +103,7 @@ def test_two_processes_equal_one_with_twice_the_batch(two_process_runs, name):
 @pytest.mark.parametrize("name", sorted(worker.RUNS))
 def test_two_processes_equal_gradient_accumulation_bitwise(two_process_runs, name):
     one = _one_process(worker.RUNS[name][0], worker.PER_PROCESS_BATCH, accumulation=2)
-    _same_run(two_process_runs[name], one, exact=True)
+    _same_run(two_process_runs[name], one, exact=True, ulps=2 if name.endswith("fsdp") else 0)
 
 
 def test_halves_hold_different_token_counts():
