@@ -437,9 +437,9 @@ def ledger(files: dict[str, str | os.PathLike | Sequence[str | os.PathLike] | No
            claims: dict[str, Sequence[Claim]] | None = None, learned: bool = True) -> pd.DataFrame:
     """The claims ledger: each claim, A and B's scores, the difference with its 95% interval,
     the verdict, the records and the chapter (ledger page). ``files`` maps "lm"/"encoder"/"qlora"
-    to a results file or a list of them (default: ``record_paths``; "qlora" is the LM's QLoRA
-    grid, read with the main LM grid's files). ``learned`` adds the rows of ``what_was_learned`` (Table 7, Figure 3) when the
-    adapters' factors are stored."""
+    to a results file or a list of them (default: ``ledger_paths``; "qlora" is the LM's QLoRA
+    grid, read with the main LM grid's files). ``learned`` adds the rows of ``what_was_learned``
+    (Table 7, Figure 3) when the adapters' factors are stored."""
     claims = claims or {"lm": LM_CLAIMS, "encoder": ENCODER_CLAIMS, "qlora": QLORA_CLAIMS}
     files = files if files is not None else {m: ledger_paths(m) for m in claims}
     rows = []
