@@ -294,6 +294,15 @@ def test_records_name_the_commands_that_made_them(tmp_path):
         "1 run: a worker of python -m lorabook.record --workers N (its command line was not stored)")
 
 
+def test_commands_that_differ_in_their_patterns_share_a_line():
+    made = [{"command": f"/x/src/lorabook/record.py --model lm --only {p} --out f"}
+            for p in ("lm|full|*", "lm|full|*", "lm|prefix|*")]
+    made.append({"command": "/x/src/lorabook/record.py --model lm --only a --only b --out g"})
+    assert evidence._commands(made) == (
+        "3 runs: python -m lorabook.record --model lm --out f, each with --only one of: "
+        "lm|full|*, lm|prefix|*; 1 run: python -m lorabook.record --model lm --only a --only b --out g")
+
+
 def test_a_worker_records_its_parents_command(monkeypatch):
     from lorabook import experiments
 

@@ -543,6 +543,32 @@ def _command(provenance: dict) -> str:
     return " ".join(args)
 
 
+def _commands(made: Sequence[dict]) -> str:
+    """The commands that made the runs, each with its number of runs. Commands that differ only
+    in their ``--only`` patterns (a grid continued a few runs at a time) share one line, which
+    lists the patterns of each."""
+    groups: dict[str, list[tuple[str, ...]]] = {}
+    typed: dict[str, str] = {}
+    for p in made:
+        command, rest, patterns = _command(p), [], []
+        args = iter(command.split(" "))
+        for a in args:
+            if a == "--only":
+                patterns.append(next(args, ""))
+            else:
+                rest.append(a)
+        shape = " ".join(rest)
+        groups.setdefault(shape, []).append(tuple(patterns))
+        typed.setdefault(shape, command)
+    lines = []
+    for shape, onlys in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        n, sets = len(onlys), list(dict.fromkeys(onlys))
+        said = typed[shape] if len(sets) == 1 else (
+            f"{shape}, each with --only one of: " + ", ".join(" and ".join(s) for s in sets))
+        lines.append(f"{n} run{'' if n == 1 else 's'}: {said}")
+    return "; ".join(lines)
+
+
 @dataclass(frozen=True)
 class Records:
     """Results files of record, read: their paths (GPU file first), header and test runs (chapter 4)."""
@@ -575,8 +601,7 @@ class Records:
             "commits": sorted({m.get("commit", "?")[:10] for m in made}),
             "made": f"{min(m['created'] for m in made)} to {max(m['created'] for m in made)}"
             if made else "",
-            "commands": "; ".join(f"{n} run{'' if n == 1 else 's'}: {c}" for c, n in
-                                  Counter(map(_command, made)).most_common()),
+            "commands": _commands(made),
         }
 
 
