@@ -34,6 +34,7 @@ def test_rank_series_and_params_figures(table):
     assert (title, ylabel, ax.get_ylim()) == ("R", "score", (0.0, 1.0)) and "rank" in xlabel
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("alpha / r" in x for x in labels) and any("sqrt" in x for x in labels)
+    assert {t.get_text() for t in ax.texts} == {"2 seeds"}  # the fixture's points: provisional
     ax, title, xlabel, _ = _axes(record_plots.params_figure(table, "P", "score"))
     assert ax.get_xscale() == "log" and "trainable" in xlabel
     assert "none" not in [t.get_text() for t in ax.get_legend().get_texts()]  # nothing trained

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from lorabook.evidence import MIN_SEEDS
 from lorabook.viz.plots import color, use_style
 
 METHOD_COLOR = {"full": "full", "lora": "lora", "qlora": "qlora", "adapter": "adapter", "prefix": "prefix",
@@ -56,7 +57,8 @@ def scores_figure(table: pd.DataFrame, title: str, xlabel: str) -> Figure:
 
 def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
                        ylabel: str) -> Figure:
-    """Score against r (log2 axis) per series (targets, scaling), with intervals and full FT's band (chapter 4)."""
+    """Score against r (log2 axis) per series (targets, scaling), with intervals and full FT's band;
+    a point on fewer than ``MIN_SEEDS`` seeds is labelled with its seeds (chapter 4)."""
     use_style()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     lora = table[table["method"] == "lora"]
@@ -68,6 +70,10 @@ def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
         ax.errorbar(g["r"], g["score"], yerr=_err(g), fmt=styles[i % len(styles)], capsize=4,
                     label=name, color=series_colors[i % len(series_colors)]
                     if scaling == "rslora" else color("random"))
+        for _, row in g[g["seeds"] < MIN_SEEDS].iterrows():  # a provisional point says so
+            ax.annotate(f"{row['seeds']} seed{'' if row['seeds'] == 1 else 's'}",
+                        (row["r"], row["score"]), xytext=(6, 6), textcoords="offset points",
+                        fontsize=10, color="0.25")
     if full is not None:
         ax.axhspan(full["low"], full["high"], color=color("full"), alpha=0.2)
         ax.axhline(full["score"], color=color("full"), label="full fine-tuning (95% interval)")
