@@ -84,8 +84,9 @@ def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
 
 
 # where params_figure writes a point's label: (offset in points, alignment), by method
+# (prefix tuning below its point: above it, P = 32's label fell on LoRA r = 1's, 17% fewer parameters)
 LABEL_SIDE = {"lora": ((6, -14), "left"), "full": ((-8, -14), "right"),
-              "adapter": ((6, 8), "left"), "prefix": ((6, 8), "left")}
+              "adapter": ((6, 8), "left"), "prefix": ((6, -20), "left")}
 
 
 def params_figure(table: pd.DataFrame, title: str, ylabel: str) -> Figure:
