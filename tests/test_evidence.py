@@ -184,6 +184,8 @@ def test_qlora_rows_per_format_say_no_record_yet_without_the_file(tmp_path):
     assert len(table) == len(evidence.QLORA_CLAIMS)
     for name in evidence.FORMAT_NAMES.values():  # one "matches 16-bit LoRA" row per format
         assert table["claim"].str.contains(f"QLoRA, base in {name} (", regex=False).sum() == 1
+        for r in (2, 64):  # and one at each end of the rank series
+            assert (table["claim"] == f"QLoRA, base in {name}, matches 16-bit LoRA at r = {r}").sum() == 1
     assert set(table["verdict"]) == {"no records yet (A and B)"}
     assert evidence.record_path("qlora", tmp_path) is None
 

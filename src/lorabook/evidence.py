@@ -386,8 +386,8 @@ def _f(r: int, targets: str) -> dict:
 QLORA_CLAIMS = (  # the QLoRA grid's file, qlora_record*.jsonl (record.qlora_grid_specs)
     *(Claim(f"QLoRA, base in {FORMAT_NAMES[f]} (r = 8, all linear layers), matches 16-bit LoRA",
             "6" if f == "nf4" else "7", _q(8, "all", f), _f(8, "all")) for f in FORMAT_NAMES),
-    *(Claim(f"QLoRA, base in NF4 + DQ, matches 16-bit LoRA at r = {r}", "7",
-            _q(r, "all", "nf4"), _f(r, "all")) for r in (2, 64)),
+    *(Claim(f"QLoRA, base in {FORMAT_NAMES[f]}, matches 16-bit LoRA at r = {r}", "7",
+            _q(r, "all", f), _f(r, "all")) for r in (2, 64) for f in FORMAT_NAMES),
     Claim("With a 4-bit base, all linear layers beat attention only at r = 8 (QLoRA, section 4)",
           "6", _q(8, "all", "nf4"), _q(8, "attn", "nf4"), rule="above"),
 )

@@ -45,3 +45,19 @@ def test_curves_figure():
              "curve": [{"step": 50, "score": 0.6}, {"step": 100, "score": 0.7}]} for s in (0, 1)]
     ax, _, xlabel, _ = _axes(record_plots.curves_figure(runs, "C", "exact"))
     assert xlabel == "optimiser step" and len(ax.get_lines()) == 2
+
+
+def test_base_series_figure():
+    rows = [{"base": b, "r": r, "seeds": 3 if b != "int4" else 2, "score": 0.6, "low": 0.5,
+             "high": 0.7} for b in ("nf4", "float", "int4") for r in (2, 8, 64)]
+    table = pd.DataFrame(rows)
+    full = pd.Series({"score": 0.8, "low": 0.75, "high": 0.85})
+    ax, title, xlabel, ylabel = _axes(record_plots.base_series_figure(table, full, "B", "exact"))
+    assert (title, ylabel, ax.get_ylim(), ax.get_xscale()) == ("B", "exact", (0.0, 1.0), "log")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("full fine-tuning")
+    assert labels[1:] == [record_plots.BASE_NAMES[b] for b in ("float", "nf4", "int4")]  # fixed order
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "8", "64"]
+    assert [t.get_text() for t in ax.texts] == ["2 seeds"] * 3  # Int4's provisional points say so
+    with pytest.raises(ValueError, match="no name for base"):
+        record_plots.base_series_figure(table.assign(base="int8"), None, "B", "exact")

@@ -55,6 +55,36 @@ def scores_figure(table: pd.DataFrame, title: str, xlabel: str) -> Figure:
     return fig
 
 
+def _series(ax, series: Sequence[tuple[str, str, pd.DataFrame]], dodge: float = 0.0) -> list[int]:
+    """Score against r for each (name, colour, rows) with intervals; a point on fewer than
+    ``MIN_SEEDS`` seeds is labelled with its seeds. ``dodge`` shifts the series apart by that
+    fraction of a doubling of r, so that their intervals at one rank do not hide each other.
+    Returns the ranks drawn."""
+    styles = ["-o", "--s", ":^", "-.D", "-v"]
+    for i, (name, col, g) in enumerate(series):
+        g = g.sort_values("r")
+        x = g["r"] * 2.0 ** (dodge * (i - (len(series) - 1) / 2))
+        ax.errorbar(x, g["score"], yerr=_err(g), fmt=styles[i % len(styles)], capsize=4,
+                    label=name, color=col, mec="0.2" if dodge else None)
+        for xi, (_, row) in zip(x[g["seeds"] < MIN_SEEDS], g[g["seeds"] < MIN_SEEDS].iterrows(),
+                                strict=True):  # a provisional point says so
+            ax.annotate(f"{row['seeds']} seed{'' if row['seeds'] == 1 else 's'}",
+                        (xi, row["score"]), xytext=(6, 6), textcoords="offset points",
+                        fontsize=10, color="0.25")
+    return sorted({int(r) for _, _, g in series for r in g["r"]})
+
+
+def _finish_ranks(fig: Figure, ax, ranks: Sequence[int], full: pd.Series | None, title: str,
+                  ylabel: str) -> Figure:
+    """Full fine-tuning's band, a log2 rank axis, then ``_finish``."""
+    if full is not None:
+        ax.axhspan(full["low"], full["high"], color=color("full"), alpha=0.2)
+        ax.axhline(full["score"], color=color("full"), label="full fine-tuning (95% interval)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    return _finish(fig, ax, title, "LoRA rank r (log scale)", ylabel)
+
+
 def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
                        ylabel: str) -> Figure:
     """Score against r (log2 axis) per series (targets, scaling), with intervals and full FT's band;
@@ -62,25 +92,30 @@ def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
     use_style()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     lora = table[table["method"] == "lora"]
-    styles = ["-o", "--s", ":^", "-.D", "-v"]
     series_colors = [color("lora"), color("adapter"), color("qlora"), color("prefix")]
-    for i, ((targets, scaling), g) in enumerate(lora.groupby(["targets", "scaling"], sort=True)):
-        g = g.sort_values("r")
-        name = f"LoRA on {targets}, " + ("alpha / sqrt(r)" if scaling == "rslora" else "alpha / r")
-        ax.errorbar(g["r"], g["score"], yerr=_err(g), fmt=styles[i % len(styles)], capsize=4,
-                    label=name, color=series_colors[i % len(series_colors)]
-                    if scaling == "rslora" else color("random"))
-        for _, row in g[g["seeds"] < MIN_SEEDS].iterrows():  # a provisional point says so
-            ax.annotate(f"{row['seeds']} seed{'' if row['seeds'] == 1 else 's'}",
-                        (row["r"], row["score"]), xytext=(6, 6), textcoords="offset points",
-                        fontsize=10, color="0.25")
-    if full is not None:
-        ax.axhspan(full["low"], full["high"], color=color("full"), alpha=0.2)
-        ax.axhline(full["score"], color=color("full"), label="full fine-tuning (95% interval)")
-    ranks = sorted(lora["r"].unique())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks, [str(int(r)) for r in ranks])
-    return _finish(fig, ax, title, "LoRA rank r (log scale)", ylabel)
+    series = [(f"LoRA on {targets}, " + ("alpha / sqrt(r)" if scaling == "rslora" else "alpha / r"),
+               series_colors[i % len(series_colors)] if scaling == "rslora" else color("random"), g)
+              for i, ((targets, scaling), g) in enumerate(lora.groupby(["targets", "scaling"],
+                                                                       sort=True))]
+    return _finish_ranks(fig, ax, _series(ax, series), full, title, ylabel)
+
+
+BASE_NAMES = {"float": "16-bit base (LoRA)", "nf4": "NF4 + DQ base (QLoRA)", "fp4": "FP4 base",
+              "int4": "Int4 base"}
+
+
+def base_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
+                       ylabel: str) -> Figure:
+    """Score against r (log2 axis) per frozen base (float, NF4, FP4, Int4), with intervals and
+    full FT's band; the bases are set slightly apart at each rank (chapter 7). ``table`` is ``evidence.summary_table(runs, by=("base", "r"))``."""
+    use_style()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    unknown = sorted(set(table["base"]) - set(BASE_NAMES))
+    if unknown:
+        raise ValueError(f"no name for base(s) {unknown}; known: {sorted(BASE_NAMES)}")
+    series = [(name, color("lora" if base == "float" else base), table[table["base"] == base])
+              for base, name in BASE_NAMES.items() if (table["base"] == base).any()]
+    return _finish_ranks(fig, ax, _series(ax, series, dodge=0.08), full, title, ylabel)
 
 
 # where params_figure writes a point's label: (offset in points, alignment), by method
