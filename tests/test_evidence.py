@@ -312,3 +312,10 @@ def test_a_worker_records_its_parents_command(monkeypatch):
     assert experiments.provenance()["command"] == "record.py --worker --queue q"
     monkeypatch.setenv("LORABOOK_PARENT_COMMAND", "record.py --model lm --workers 11 --out f")
     assert experiments.provenance()["command"] == "record.py --model lm --workers 11 --out f"
+
+
+def test_short_label_names_a_4bit_base_so_a_spike_says_which_side_it_is_on():
+    lora = {"method": "lora", "r": 64, "targets": "all", "scaling": "rslora"}
+    assert evidence.short_label({**lora, "base": "float"}) == evidence.short_label(lora) == "r=64 all"
+    assert evidence.short_label({**lora, "base": "fp4", "dense_base": True}) == "r=64 all fp4"
+    assert evidence.short_label({**lora, "scaling": "lora", "base": "nf4"}) == "r=64 all a/r nf4"

@@ -515,10 +515,12 @@ def learned_rows(records: Records) -> list[dict]:
 
 
 def short_label(run: dict) -> str:
-    """A few characters naming a configuration on a crowded plot: "r=8 all", "b=8", "P=32" (chapter 4)."""
+    """A few characters naming a configuration on a crowded plot: "r=8 all", "b=8", "P=32", and a
+    4-bit base's format: "r=64 all fp4" (chapter 4)."""
     method = run.get("method")
     if method == "lora":
-        return f"r={run['r']} {run['targets']}" + ("" if run.get("scaling") == "rslora" else " a/r")
+        return (f"r={run['r']} {run['targets']}" + ("" if run.get("scaling") == "rslora" else " a/r")
+                + ("" if run.get("base") in (None, "float") else f" {run['base']}"))
     return {"full": "full", "adapter": f"b={run.get('size')}", "prefix": f"P={run.get('size')}",
             "none": "zero-shot", "constant": "constant"}.get(method, str(method))
 
