@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lorabook.evidence import MIN_SEEDS
+from lorabook.evidence import FORMAT_NAMES, MIN_SEEDS
 from lorabook.viz.plots import color, use_style
 
 METHOD_COLOR = {"full": "full", "lora": "lora", "qlora": "qlora", "adapter": "adapter", "prefix": "prefix",
@@ -100,14 +100,16 @@ def rank_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
     return _finish_ranks(fig, ax, _series(ax, series), full, title, ylabel)
 
 
-BASE_NAMES = {"float": "16-bit base (LoRA)", "nf4": "NF4 + DQ base (QLoRA)", "fp4": "FP4 base",
-              "int4": "Int4 base"}
+BASE_NAMES = {"float": "16-bit base (LoRA)",  # then each 4-bit format, named as in the ledger
+              **{f: f"{name} base" + (" (QLoRA)" if f == "nf4" else "")
+                 for f, name in FORMAT_NAMES.items()}}
 
 
 def base_series_figure(table: pd.DataFrame, full: pd.Series | None, title: str,
                        ylabel: str) -> Figure:
     """Score against r (log2 axis) per frozen base (float, NF4, FP4, Int4), with intervals and
-    full FT's band; the bases are set slightly apart at each rank (chapter 7). ``table`` is ``evidence.summary_table(runs, by=("base", "r"))``."""
+    full FT's band; the bases are set slightly apart at each rank (chapter 7). ``table`` is
+    ``evidence.summary_table(runs, by=("base", "r"))``."""
     use_style()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     unknown = sorted(set(table["base"]) - set(BASE_NAMES))
