@@ -39,12 +39,13 @@ def figure_names(src: Path) -> list[str]:
 
 
 def collect(names: list[str], dest: Path, figures: Path, modes: tuple[str, ...]) -> dict:
-    """Copy each name's best exported file and sidecar into dest; returns name -> mode or None."""
+    """Copy each name's best exported file and sidecar into dest; returns name -> its mode,
+    "record" for a figure drawn from stored runs of record (whatever setting drew it), or None."""
     dest.mkdir(parents=True, exist_ok=True)
     found = {}
     for name in names:
         hit = export.find(name, figures, modes)
-        found[name] = None if hit is None else hit[1]["mode"]
+        found[name] = None if hit is None else "record" if hit[1].get("records") else hit[1]["mode"]
         if hit is not None:
             path, _ = hit
             shutil.copy2(path, dest / path.name)
@@ -108,9 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     found = build(args.out, figures, modes, args.out.parent / "slides_src")
     missing = [n for n, m in found.items() if m is None]
     fast = [n for n, m in found.items() if m == "fast"]
+    records = [n for n, m in found.items() if m == "record"]
     print(f"deck: {args.out / 'index.html'}; {len(found)} figures from {figures}: "
-          f"{len(found) - len(missing) - len(fast)} from cpu/gpu runs, {len(fast)} from fast runs "
-          f"(marked on their slides), {len(missing)} not exported yet (placeholders)")
+          f"{len(records)} from runs of record, "
+          f"{len(found) - len(missing) - len(fast) - len(records)} from cpu/gpu runs, "
+          f"{len(fast)} from fast runs (marked on their slides), "
+          f"{len(missing)} not exported yet (placeholders)")
     for name in missing:
         print(f"  placeholder: {name} (run chapter {name[2]})")
 

@@ -81,6 +81,8 @@ def deck(tmp_path_factory):
     export.export(_figure(), "ch5_absmax", chapter=5, mode="fast")
     export.export(_figure(), "ch5_absmax", chapter=5, mode="cpu")
     export.export(_figure(), "ch5_codebooks", chapter=5, mode="fast")
+    export.export(_figure(), "ch7_record_bases", chapter=7, mode="fast",
+                  records=["qlora_record.jsonl", "lm_record_gpu.jsonl"])
     mp.undo()
     build = _build_module()
     out = tmp / "slides"
@@ -98,6 +100,12 @@ def test_deck_takes_the_best_setting_and_marks_the_rest(deck):
     assert "fast (CI) setting" in html  # the fast figure says so on its slide
     assert 'data-figure="ch4_record_rank"' in html and "run chapter 4" in html  # placeholder
     assert "cpu setting · commit" in html
+    # a figure of the runs of record drawn by a fast build shows the records, not "a few steps"
+    assert found["ch7_record_bases"] == "record"
+    slide = html[html.index('ch7_record_bases.png'):]
+    source = slide[slide.index('class="deck-source"'):][:400]
+    assert "runs of record (qlora_record.jsonl, lm_record_gpu.jsonl), drawn in the fast setting" in source
+    assert html.count('class="deck-fast"') == 1  # only ch5_codebooks, the fast figure
 
 
 def test_deck_follows_the_talk_outline(deck):

@@ -81,6 +81,20 @@ def test_fast_run_never_touches_the_cpu_figure(figures, monkeypatch):
     assert export.find("ch9_missing") is None
 
 
+def test_a_figure_of_the_runs_of_record_names_the_files_it_read(figures, tmp_path):
+    files = [tmp_path / "results" / "qlora_record.jsonl", tmp_path / "results" / "lm_record.jsonl"]
+    export.export(_figure(), "ch7_bases", chapter=7, records=files)
+    meta = json.loads((figures / "fast" / "ch7_bases.json").read_text())
+    assert meta["records"] == ["qlora_record.jsonl", "lm_record.jsonl"]  # names, not this machine's paths
+    assert meta["mode"] == "fast"  # the setting that drew it is still said
+    export.export(_figure(), "ch7_plain", chapter=7)
+    assert "records" not in json.loads((figures / "fast" / "ch7_plain.json").read_text())
+    for bad in ([], "qlora_record.jsonl", files[0]):  # nothing read, or one path taken for a list
+        with pytest.raises(ValueError, match="records"):
+            export.export(_figure(), "ch7_bad", chapter=7, records=bad)
+    assert not (figures / "fast" / "ch7_bad.json").exists()
+
+
 def test_bad_names_and_objects_are_refused(figures):
     with pytest.raises(ValueError, match="ch2_"):
         export.export(_figure(), "decomposition", chapter=2)

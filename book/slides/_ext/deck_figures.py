@@ -13,7 +13,8 @@ index). Column headers in snake_case are shown as words (``exact_match`` -> "exa
 ``book/slides/build.py`` copies the best exported file of each name (gpu, then cpu, then fast)
 and its sidecar JSON into ``<srcdir>/figures``. The directive shows the file (an image, or the
 HTML of a table) with a line saying where it came from; a figure from the fast (CI) setting gets
-a visible note; a name no chapter has exported yet becomes a placeholder saying which chapter to
+a visible note, unless it was drawn from stored runs of record (its sidecar's ``records``: the
+setting that drew it changes nothing in it, and the line names the files instead); a name no chapter has exported yet becomes a placeholder saying which chapter to
 run. No case is a build error: the deck always builds.
 """
 
@@ -136,10 +137,11 @@ class DeckFigure(SphinxDirective):
             caption = nodes.container(classes=["deck-caption"])
             self.state.nested_parse(self.content, self.content_offset, caption)
             out.append(caption)
-        source = (f"{where} · {meta['mode']} setting · commit {meta.get('commit', '?')} · "
-                  f"{meta.get('created', '')}")
+        drawn_from = (f"runs of record ({', '.join(meta['records'])}), drawn in the "
+                      f"{meta['mode']} setting" if meta.get("records") else f"{meta['mode']} setting")
+        source = f"{where} · {drawn_from} · commit {meta.get('commit', '?')} · {meta.get('created', '')}"
         out.append(_raw(f'<p class="deck-source">{html.escape(source)}</p>'))
-        if meta["mode"] == "fast":
+        if meta["mode"] == "fast" and not meta.get("records"):
             out.append(_raw(
                 '<p class="deck-fast">fast (CI) setting: a few steps only. Run <code>make book</code>'
                 ' then <code>make slides</code> for the figure of the cpu setting.</p>'))

@@ -4,7 +4,9 @@
 ``<name>.json`` saying where it came from (chapter, run setting, commit, time). A Figure becomes
 a PNG, an animation a GIF, a DataFrame an HTML table. Each run setting has its own folder, so a
 ``fast`` run (CI) never overwrites the ``cpu`` or ``gpu`` figures the deck is built from;
-``book/slides/build.py`` picks the best setting available for each name.
+``book/slides/build.py`` picks the best setting available for each name. A figure drawn from
+stored runs of record names their files (``records=``): what it shows does not depend on the
+setting that executed the chapter, and the deck says so instead of marking it as a fast figure.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from matplotlib import animation
 from matplotlib.figure import Figure
@@ -60,7 +62,7 @@ def _check(name: str, chapter: int) -> None:
 
 
 def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 100,
-           mode: str | None = None) -> Path:
+           mode: str | None = None, records: Sequence[str | os.PathLike] | None = None) -> Path:
     """Save a Figure (PNG), animation (GIF) or DataFrame (HTML) for the slides (chapter 2).
 
     Returns the path written, ``figures_dir()/<mode>/<name>.<ext>``, next to ``<name>.json``
@@ -70,12 +72,22 @@ def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 10
     whose text would show below ``plots.MIN_TEXT_PT`` at the book's width, or below
     ``plots.DECK_MIN_TEXT_PX`` in the deck's figure box, is refused (ValueError): every
     chapter's exported figure is checked this way when nbval runs it.
+
+    ``records`` names the results files a figure of the runs of record reads (e.g.
+    ``evidence.ledger_paths("qlora")``): the sidecar keeps their names as ``records``, and the
+    deck shows them as the figure's source, whatever setting exported it. Empty is refused: a
+    figure that read no records must not claim to show them.
     """
     _check(name, chapter)
     mode = mode or config.get_settings().mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    sidecar = {"chapter": chapter, "name": name}
+    sidecar: dict[str, Any] = {"chapter": chapter, "name": name}
+    if records is not None:
+        if isinstance(records, (str, os.PathLike)) or not list(records):
+            raise ValueError(f"{name}: records must be a non-empty list of the results files the "
+                             f"figure reads, got {records!r}")
+        sidecar["records"] = [Path(p).name for p in records]
     if isinstance(obj, (Figure, animation.Animation)):
         # what the book shows must be legible: every text >= MIN_TEXT_PT at the page's width
         fig = obj if isinstance(obj, Figure) else obj._fig  # an animation's frames: whole figure
