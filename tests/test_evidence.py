@@ -206,6 +206,23 @@ def test_qlora_rows_compare_the_dense_quality_runs_with_float_lora(tmp_path):
     assert fp4["verdict"] == "no records yet (A)"
 
 
+def test_attention_only_rows_separate_the_placement_from_the_4bit_base(tmp_path):
+    lora = {"method": "lora", "r": 8, "scaling": "rslora"}
+    runs = []
+    for seed in (0, 1, 2):
+        runs.append(({**lora, "targets": "all", "base": "float", "seed": seed}, "1111111110"))
+        runs.append(({**lora, "targets": "attn", "base": "float", "seed": seed}, "1111011100"))
+        runs.append(({**lora, "targets": "attn", "base": "nf4", "dense_base": True, "seed": seed},
+                     "1111011100"))
+    path = _file(tmp_path, runs).rename(tmp_path / "qlora_record.jsonl")
+    claims = [c for c in evidence.QLORA_CLAIMS if c.a.get("targets") == "attn" or c.b.get("targets") == "attn"]
+    table = evidence.ledger({"qlora": path}, {"qlora": claims}, learned=False).set_index("claim")
+    placement_4bit, placement_16bit, base = table.iloc[0], table.iloc[1], table.iloc[2]
+    assert placement_4bit["verdict"] == "no records yet (A)"  # NF4 on all linear layers: none here
+    assert (placement_16bit["A"], placement_16bit["B"]) == (0.9, 0.7)
+    assert base["A"] == base["B"] == 0.7 and base["difference"] == 0
+
+
 def test_qlora_rows_read_their_float_reference_from_the_main_grid(tmp_path, monkeypatch):
     """A QLoRA grid continued from the main one (record --grid qlora --lr-from): its 4-bit runs in
     qlora_record.jsonl, the float-base LoRA runs (the same keys) in the main grid's file."""

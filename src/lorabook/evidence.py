@@ -390,6 +390,12 @@ QLORA_CLAIMS = (  # the QLoRA grid's file, qlora_record*.jsonl (record.qlora_gri
             _q(r, "all", f), _f(r, "all")) for r in (2, 64) for f in FORMAT_NAMES),
     Claim("With a 4-bit base, all linear layers beat attention only at r = 8 (QLoRA, section 4)",
           "6", _q(8, "all", "nf4"), _q(8, "attn", "nf4"), rule="above"),
+    # is attention only's shortfall the 4-bit base's doing, or the placement's? (rules fixed
+    # before the float attention-only runs were made)
+    Claim("With a 16-bit base too, all linear layers beat attention only at r = 8",
+          "6", _f(8, "all"), _f(8, "attn"), rule="above"),
+    Claim("Attention only at r = 8: the 4-bit base (NF4 + DQ) matches the 16-bit base",
+          "6", _q(8, "attn", "nf4"), _f(8, "attn")),
 )
 
 
