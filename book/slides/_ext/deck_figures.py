@@ -14,8 +14,9 @@ index). Column headers in snake_case are shown as words (``exact_match`` -> "exa
 and its sidecar JSON into ``<srcdir>/figures``. The directive shows the file (an image, or the
 HTML of a table) with a line saying where it came from; a figure from the fast (CI) setting gets
 a visible note, unless it was drawn from stored runs of record (its sidecar's ``records``: the
-setting that drew it changes nothing in it, and the line names the files instead); a name no chapter has exported yet becomes a placeholder saying which chapter to
-run. No case is a build error: the deck always builds.
+setting that drew it changes nothing in it, and the line names the files instead); a name no
+chapter has exported yet becomes a placeholder saying which chapter to run. No case is a build
+error: the deck always builds.
 """
 
 from __future__ import annotations
