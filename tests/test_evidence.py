@@ -216,7 +216,7 @@ def test_attention_only_rows_separate_the_placement_from_the_4bit_base(tmp_path)
                      "1111011100"))
     path = _file(tmp_path, runs).rename(tmp_path / "qlora_record.jsonl")
     claims = [c for c in evidence.QLORA_CLAIMS if c.a.get("targets") == "attn" or c.b.get("targets") == "attn"]
-    table = evidence.ledger({"qlora": path}, {"qlora": claims}, learned=False).set_index("claim")
+    table = evidence.ledger({"qlora": path}, {"qlora": claims}, learned=False)
     placement_4bit, placement_16bit, base = table.iloc[0], table.iloc[1], table.iloc[2]
     assert placement_4bit["verdict"] == "no records yet (A)"  # NF4 on all linear layers: none here
     assert (placement_16bit["A"], placement_16bit["B"]) == (0.9, 0.7)

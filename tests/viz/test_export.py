@@ -87,6 +87,8 @@ def test_a_figure_of_the_runs_of_record_names_the_files_it_read(figures, tmp_pat
     meta = json.loads((figures / "fast" / "ch7_bases.json").read_text())
     assert meta["records"] == ["qlora_record.jsonl", "lm_record.jsonl"]  # names, not this machine's paths
     assert meta["mode"] == "fast"  # the setting that drew it is still said
+    export.export(_figure(), "ch7_bases", chapter=7, records=(p for p in files))  # any iterable
+    assert json.loads((figures / "fast" / "ch7_bases.json").read_text())["records"] == meta["records"]
     export.export(_figure(), "ch7_plain", chapter=7)
     assert "records" not in json.loads((figures / "fast" / "ch7_plain.json").read_text())
     for bad in ([], "qlora_record.jsonl", files[0]):  # nothing read, or one path taken for a list

@@ -85,10 +85,11 @@ def export(obj: Any, name: str, chapter: int, *, fps: float = 1.5, dpi: int = 10
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     sidecar: dict[str, Any] = {"chapter": chapter, "name": name}
     if records is not None:
-        if isinstance(records, (str, os.PathLike)) or not list(records):
+        names = [] if isinstance(records, (str, os.PathLike)) else [Path(p).name for p in records]
+        if not names:
             raise ValueError(f"{name}: records must be a non-empty list of the results files the "
                              f"figure reads, got {records!r}")
-        sidecar["records"] = [Path(p).name for p in records]
+        sidecar["records"] = names
     if isinstance(obj, (Figure, animation.Animation)):
         # what the book shows must be legible: every text >= MIN_TEXT_PT at the page's width
         fig = obj if isinstance(obj, Figure) else obj._fig  # an animation's frames: whole figure
