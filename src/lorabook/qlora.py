@@ -46,7 +46,10 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         W = ctx.layer.dequantized_weight(ctx.dtype)  # (out, in), rebuilt from the 4-bit codes
-        return grad_out @ W, None, None, None  # (..., in); W0 and the bias are frozen
+        # under autocast the forward's matmul ran in bf16 and grad_out is bf16: W in grad_out's
+        # dtype is what autograd does for a dense weight cast by autocast (autograd casts the
+        # result back to x's dtype)
+        return grad_out @ W.to(grad_out.dtype), None, None, None  # (..., in); W0, bias frozen
 
 
 class LinearNF4Recompute(LinearNF4):
