@@ -169,6 +169,30 @@ def test_deadline_stops_claiming_and_max_runs_cuts_each_stage(tmp_path, monkeypa
     assert len(calls) == 2 + 2
 
 
+def test_a_run_that_raises_is_reported_and_the_command_exits_1(tmp_path, monkeypatch, capsys):
+    """The other runs go on and are stored, but the command must not look done: a run of the
+    QLoRA grid once failed in backward and the loop that ran it saw exit status 0."""
+    calls = []
+    fake = _fake_run_one(calls)
+
+    def run_one(spec, settings, return_model=False, **kw):
+        if spec.method == "full" and spec.lr == 5e-5:
+            raise RuntimeError("expected m1 and m2 to have the same dtype")
+        return fake(spec, settings, return_model, **kw)
+
+    monkeypatch.setattr(record, "run_one", run_one)
+    monkeypatch.setattr(record, "LR_CANDIDATES", {("lm", "full"): (2e-5, 5e-5, 1e-4)})
+    out = tmp_path / "lm.jsonl"
+    with pytest.raises(record.RunsFailed, match="1 run"):
+        record.run_record("lm", out, settings=FAST, mixed_precision=False, stages=("lr",))
+    assert {r["lr"] for r in read_results(out)[1]} == {2e-5, 1e-4}  # the others were stored
+    assert "FAILED" in capsys.readouterr().out
+    monkeypatch.setenv("LORABOOK_RECORD_ANY_MODE", "1")
+    with pytest.raises(SystemExit) as exit_:
+        record.main(["--model", "lm", "--stages", "lr", "--out", str(out)])
+    assert exit_.value.code == 1 and "FAILED: 1 run(s) raised" in capsys.readouterr().err
+
+
 def test_done_keys_skip_a_shards_kept_factors(tmp_path):
     """A run that keeps its A, B leaves ``x.jsonl.shard0.factors.pt`` beside its shard; a resumed
     command must not read it as a results file (it did once, and stopped every later run)."""

@@ -297,15 +297,21 @@ def curve_every(spec: RunSpec, settings: RunSettings) -> int:
     return max(1, spec.resolved(settings).steps // 6)
 
 
+class RunsFailed(RuntimeError):
+    """Runs that raised (a bug, not a diverged learning rate): the others were stored, and the
+    command exits with status 1 after its stage (``python -m lorabook.record``)."""
+
+
 def worker(queue: Path, shard: Path, claims: Path, deadline: float, settings: RunSettings,
-           mixed_precision: bool) -> int:
-    """Take unclaimed specs from ``queue`` one by one until none is left or the deadline passes."""
+           mixed_precision: bool) -> tuple[int, list[str]]:
+    """Take unclaimed specs from ``queue`` one by one until none is left or the deadline passes:
+    the number of runs stored and the keys of those that raised."""
     specs = [RunSpec(**d) for d in json.loads(queue.read_text())]
     model = specs[0].model if specs else "lm"
     open_results(shard, settings)
     factors_path = shard.with_suffix(shard.suffix + ".factors.pt")
     factors = torch.load(factors_path) if factors_path.exists() else {}
-    done = 0
+    done, failed = 0, []
     for spec in specs:
         if time.time() > deadline:
             break
@@ -323,6 +329,7 @@ def worker(queue: Path, shard: Path, claims: Path, deadline: float, settings: Ru
             continue
         except Exception:  # noqa: BLE001  one broken run must not stop this worker's others
             print(f"[{shard.name}] {key}: FAILED\n{traceback.format_exc()}", flush=True)
+            failed.append(key)
             continue
         append_record(shard, record)
         if keeps_factors(spec):
@@ -334,14 +341,14 @@ def worker(queue: Path, shard: Path, claims: Path, deadline: float, settings: Ru
         del trained
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return done
+    return done, failed
 
 
 def run_parallel(specs: Sequence[RunSpec], out: Path, workers: int, deadline: float,
                  settings: RunSettings, mixed_precision: bool,
                  done_elsewhere: frozenset[str] = frozenset()) -> None:
     """Run the specs not yet in ``out`` (or its shards, or ``done_elsewhere``) with ``workers``
-    processes, then merge."""
+    processes, then merge; raises ``RunsFailed`` after the merge if a run raised."""
     done = _done_keys(out) | done_elsewhere
     todo = [s for s in specs if s.resolved(settings).key() not in done]
     if not todo:
@@ -352,11 +359,13 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, workers: int, deadline: fl
         claims.mkdir(parents=True)
         queue = claims / "queue.json"
         queue.write_text(json.dumps([asdict(s) for s in todo]))
-        worker(queue, shard, claims, deadline, settings, mixed_precision)
+        failed = worker(queue, shard, claims, deadline, settings, mixed_precision)[1]
         for f in claims.iterdir():
             f.unlink()
         claims.rmdir()
         merge_shards(out, settings)
+        if failed:
+            raise RunsFailed(f"{len(failed)} run(s) raised: {', '.join(failed)}")
         return
     stamp = f"{os.getpid()}_{int(time.time())}"
     queue = out.parent / f".queue_{stamp}.json"
@@ -378,6 +387,8 @@ def run_parallel(specs: Sequence[RunSpec], out: Path, workers: int, deadline: fl
         f.unlink()
     claims.rmdir()
     merge_shards(out, settings)
+    if bad := [f"worker {i} (exit {p.returncode})" for i, p in enumerate(procs) if p.returncode]:
+        raise RunsFailed(f"runs raised in {', '.join(bad)}: see its output")
 
 
 def merge_shards(out: Path, settings: RunSettings) -> int:
@@ -617,9 +628,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.worker:
-        worker(Path(args.queue), Path(args.out), Path(args.claims), args.deadline, settings,
-               args.mixed_precision)
-        return
+        failed = worker(Path(args.queue), Path(args.out), Path(args.claims), args.deadline,
+                        settings, args.mixed_precision)[1]
+        sys.exit(1 if failed else 0)
     if args.model is None:
         parser.error("--model is required")
     if settings.mode != "record" and os.environ.get("LORABOOK_RECORD_ANY_MODE") != "1":
@@ -628,16 +639,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not stages or set(stages) - {"lr", "grid", "variants"}:
         parser.error(f"--stages takes lr, grid and/or variants, got {args.stages!r}")
     records = []
-    if set(stages) & {"lr", "grid"}:
-        records = run_record(args.model, Path(args.out), args.workers, args.budget_s, settings,
-                             args.mixed_precision or None,
-                             [s for s in stages if s != "variants"], args.max_runs, args.grid,
-                             Path(args.lr_from) if args.lr_from and "variants" not in stages
-                             else None, args.only)
-    if "variants" in stages:
-        records = run_variants(args.model, Path(args.out), args.workers, args.budget_s, settings,
-                               args.mixed_precision or None, args.max_runs,
-                               Path(args.lr_from) if args.lr_from else None)
+    try:
+        if set(stages) & {"lr", "grid"}:
+            records = run_record(args.model, Path(args.out), args.workers, args.budget_s,
+                                 settings, args.mixed_precision or None,
+                                 [s for s in stages if s != "variants"], args.max_runs,
+                                 args.grid, Path(args.lr_from)
+                                 if args.lr_from and "variants" not in stages else None,
+                                 args.only)
+        if "variants" in stages:
+            records = run_variants(args.model, Path(args.out), args.workers, args.budget_s,
+                                   settings, args.mixed_precision or None, args.max_runs,
+                                   Path(args.lr_from) if args.lr_from else None)
+    except RunsFailed as e:  # the runs that ended are stored; the command must not look done
+        parser.exit(1, f"FAILED: {e}. The runs that ended are stored in {args.out}.\n")
     print(f"{len(records)} records in {args.out}")
 
 
