@@ -336,3 +336,35 @@ def test_short_label_names_a_4bit_base_so_a_spike_says_which_side_it_is_on():
     assert evidence.short_label({**lora, "base": "float"}) == evidence.short_label(lora) == "r=64 all"
     assert evidence.short_label({**lora, "base": "fp4", "dense_base": True}) == "r=64 all fp4"
     assert evidence.short_label({**lora, "scaling": "lora", "base": "nf4"}) == "r=64 all a/r nf4"
+
+
+def test_the_4bit_paths_cost_is_set_beside_its_dense_stand_in_on_the_same_machine(tmp_path):
+    cpu = {"platform": "Linux-x86_64", "device": "cpu", "device_name": "x86_64", "cpu_threads": 2,
+           "cpu_model": "Xeon", "cpu_capability": "AVX512"}
+    gpu = {"platform": "Linux-x86_64", "device": "cuda", "device_name": "NVIDIA H100", "cpu_threads": 16}
+    avx2 = {**cpu, "cpu_capability": "AVX2"}
+    unknown = {k: v for k, v in cpu.items() if not k.startswith("cpu_")} | {"cpu_threads": 2}
+    lora = {"method": "lora", "r": 8, "targets": "all", "scaling": "rslora", "seed": 0, "lr": 4e-3}
+    gb = 2**30
+
+    def run(base, dense, machine, step_s, rise_gb, score, seed=0):
+        return ({**lora, "seed": seed, "base": base, "dense_base": dense, "provenance": machine,
+                 "step_s": step_s,
+                 "memory_increase_bytes": rise_gb * gb, "peak_memory_bytes": 2 * rise_gb * gb,
+                 "eval_s": 60.0, "score": score}, "1100")
+
+    runs = [run("nf4", None, cpu, 6.0, 3, 0.5), run("nf4", True, cpu, 4.0, 6, 0.6),
+            run("fp4", None, gpu, 0.3, 1, 0.5), run("fp4", True, cpu, 4.0, 6, 0.6),  # not paired
+            run("int4", None, avx2, 30.0, 3, 0.5), run("int4", True, cpu, 4.0, 6, 0.6),  # nor these
+            run("nf4", None, unknown, 6.0, 3, 0.5, seed=1),  # nor a CPU not named
+            run("nf4", True, unknown, 4.0, 6, 0.6, seed=1),
+            run("float", None, cpu, 4.0, 6, 0.6)]
+    _, records = evidence.test_runs(_file(tmp_path, runs).rename(tmp_path / "qlora_record.jsonl"))
+    table = evidence.four_bit_path_costs(records)
+    assert list(table["base"]) == ["NF4 + DQ"] and list(table["seed"]) == [0]  # the others: other
+    # machines (FP4: GPU and CPU; Int4: AVX2 and AVX512), or CPUs not recorded (NF4, seed 1)
+    row = table.iloc[0]
+    assert (row["time x"], row["memory rise x"]) == (1.5, 0.5)
+    assert (row["memory rise (GB), 4-bit codes"], row["peak (GB), dense Q(W0)"]) == (3, 12)
+    assert row["machine"] == "CPU, 2 threads" and row["exact, dense Q(W0)"] == 0.6
+    assert evidence.four_bit_path_costs([]).empty

@@ -170,3 +170,11 @@ def test_provenance_names_the_commit_the_code_was_imported_from(monkeypatch):
     assert experiments.provenance()["commit"] == "the-imported-one"
     monkeypatch.setenv("LORABOOK_COMMIT", "sent-to-a-gpu")
     assert experiments.provenance()["commit"] == "sent-to-a-gpu"
+
+
+def test_provenance_names_the_cpu_so_that_timings_compare_only_on_the_same_one():
+    """One "x86_64" machine here had AMX, a later one only AVX2 (bf16 matmuls eightfold slower)."""
+    import torch
+
+    made = experiments.provenance()
+    assert made["cpu_model"] and made["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

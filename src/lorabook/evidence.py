@@ -640,6 +640,54 @@ def summary_table(runs: Sequence[dict], by: Sequence[str] = ("method", "targets"
     return pd.DataFrame(rows)
 
 
+# ---------------------------------------------------------------- what the 4-bit path costs
+
+
+def _same_machine(a: dict, b: dict) -> bool:
+    """Whether two runs' timings compare: the same device and, on a CPU, the same recorded CPU
+    model and vector instructions (``experiments.cpu_identity``; runs made before it was recorded
+    do not pair: one "x86_64" was AMX, another only AVX2, eightfold apart in bf16)."""
+    pa, pb = a.get("provenance", {}), b.get("provenance", {})
+    keys = ("device", "device_name", "cpu_threads") + (
+        ("cpu_model", "cpu_capability") if pa.get("device") == "cpu" else ())
+    return bool(pa) and all(pa.get(k) is not None and pa.get(k) == pb.get(k) for k in keys)
+
+
+def four_bit_path_costs(runs: Sequence[dict]) -> pd.DataFrame:
+    """Each run of record trained on the 4-bit codes (``dense_base`` None) beside the dense Q(W0)
+    run of the same configuration and seed, made on the same machine (chapter 6): median seconds
+    per step, the process's memory rise during training and its peak (CUDA's max allocated on a
+    GPU, the process's peak RSS on a CPU, which includes loading the fp32 model before
+    quantizing it), exact match, and the ratios 4-bit path / dense. One seed each: a measurement,
+    not a verdict. A 4-bit run without such a partner is left out."""
+    fields = ("method", "r", "targets", "scaling", "base", "seed", "lr")
+    rows = []
+    for codes in runs:
+        if codes.get("base") in (None, "float") or codes.get("dense_base") is not None:
+            continue
+        dense = [d for d in select(runs, **{k: codes.get(k) for k in fields}, dense_base=True)
+                 if _same_machine(codes, d)]
+        if not dense:
+            continue
+        d = dense[0]
+        gb = 2**30
+        rows.append({
+            "base": FORMAT_NAMES.get(codes["base"], codes["base"]), "r": codes.get("r"),
+            "targets": codes.get("targets"), "seed": codes.get("seed"), "steps": codes.get("steps"),
+            "machine": _machine(codes["provenance"]),
+            "s / step, 4-bit codes": codes["step_s"], "s / step, dense Q(W0)": d["step_s"],
+            "time x": codes["step_s"] / d["step_s"],
+            "memory rise (GB), 4-bit codes": codes["memory_increase_bytes"] / gb,
+            "memory rise (GB), dense Q(W0)": d["memory_increase_bytes"] / gb,
+            "memory rise x": codes["memory_increase_bytes"] / d["memory_increase_bytes"],
+            "peak (GB), 4-bit codes": codes["peak_memory_bytes"] / gb,
+            "peak (GB), dense Q(W0)": d["peak_memory_bytes"] / gb,
+            "scoring (s), 4-bit codes": codes.get("eval_s"), "scoring (s), dense Q(W0)": d.get("eval_s"),
+            "exact, 4-bit codes": codes["score"], "exact, dense Q(W0)": d["score"],
+            "keys": f"{codes['key']}; {d['key']}"})
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- what the adapters learned
 
 

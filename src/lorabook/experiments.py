@@ -51,7 +51,22 @@ def provenance(extra: dict | None = None) -> dict:
     # a worker process (python -m lorabook.record --workers N) records the command that started it
     command = os.environ.get("LORABOOK_PARENT_COMMAND") or " ".join(sys.argv)
     return {"command": command, "commit": commit, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "platform": platform.platform(), **describe(), **(extra or {})}
+            "platform": platform.platform(), **describe(), **cpu_identity(), **(extra or {})}
+
+
+def cpu_identity() -> dict:
+    """The CPU's model name and the vector instructions torch uses on it (chapter 1): two
+    machines of one platform string can differ eightfold in bf16 speed (AVX2 against AMX), so a
+    timing is compared only between runs whose CPU is the same (``evidence.four_bit_path_costs``)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu_model": model or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def task_data(tokenizer, task: str = "loan_intent", settings: RunSettings | None = None,
