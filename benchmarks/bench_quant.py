@@ -21,15 +21,10 @@ import torch
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or what platform reports."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU model (``experiments.cpu_identity``)."""
+    from lorabook.experiments import cpu_identity
+
+    return cpu_identity()["cpu_model"]
 
 
 def time_pair(ours, theirs, repeats: int, warmup: int) -> tuple[float, float]:
