@@ -8,33 +8,19 @@ has no bf16 arithmetic: there torch's bf16 matmuls run far slower than fp32, and
 would take hours. Run this before starting runs of record on a new machine. The shapes are one
 MLP projection (576 -> 1536) on a batch of 16 x 96 tokens: the forward ``F.linear(x, W)``, and
 the input gradient ``grad @ W`` as the 4-bit path's backward computes it (W dequantized, (out, in))
-and with W transposed to contiguous (in, out) first. The calls alternate, so a busy machine slows
-all of them alike; each row gives the median and the ratio to fp32.
+and with W transposed to contiguous (in, out) first. The calls alternate (``bench.compare_latency``), so a busy
+machine slows all of them alike; each row gives the median and the ratio to fp32.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from lorabook.bench import compare_latency
 from lorabook.experiments import cpu_identity
-
-
-def median_ms(fns: dict, repeats: int) -> dict:
-    """Median milliseconds of each callable, called in turn ``repeats`` times after one warm-up."""
-    for f in fns.values():
-        f()
-    times: dict = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -48,19 +34,19 @@ def main() -> None:
     g = torch.randn(16, 96, 1536, generator=gen)  # the output's gradient (batch, tokens, out)
     W = torch.randn(1536, 576, generator=gen) / 24  # (out, in)
     xb, gb, Wb = x.bfloat16(), g.bfloat16(), W.bfloat16()
-    ms = median_ms({
-        "forward, fp32": lambda: F.linear(x, W),
-        "forward, bf16": lambda: F.linear(xb, Wb),
-        "input gradient grad @ W, fp32": lambda: g @ W,
-        "input gradient grad @ W, bf16": lambda: gb @ Wb,
-        "input gradient, W as contiguous (in, out), bf16": lambda: F.linear(gb, Wb.t().contiguous()),
-    }, args.repeats)
+    groups = [
+        {"forward, fp32": lambda: F.linear(x, W), "forward, bf16": lambda: F.linear(xb, Wb)},
+        {"input gradient grad @ W, fp32": lambda: g @ W,
+         "input gradient grad @ W, bf16": lambda: gb @ Wb,
+         "input gradient, W as contiguous (in, out), bf16": lambda: F.linear(gb, Wb.t().contiguous())},
+    ]
     cpu = cpu_identity()
     print(f"CPU: {cpu['cpu_model']} (torch uses {cpu['cpu_capability']}), {args.threads} threads, "
           f"torch {torch.__version__}")
-    for name, t in ms.items():
-        ref = ms["forward, fp32"] if name.startswith("forward") else ms["input gradient grad @ W, fp32"]
-        print(f"{name:50s} {t:9.2f} ms   x{t / ref:.2f} of fp32")
+    for fns in groups:  # each group timed round-robin against its fp32 call
+        for name, res in compare_latency(fns, baseline=next(iter(fns)), warmup=1,
+                                         repeats=args.repeats).items():
+            print(f"{name:50s} {1e3 * res.median_s:9.2f} ms   x{res.ratio:.2f} of fp32")
 
 
 if __name__ == "__main__":
