@@ -346,9 +346,11 @@ def test_the_4bit_paths_cost_is_set_beside_its_dense_stand_in_on_the_same_machin
     unknown = {k: v for k, v in cpu.items() if not k.startswith("cpu_")} | {"cpu_threads": 2}
     lora = {"method": "lora", "r": 8, "targets": "all", "scaling": "rslora", "seed": 0, "lr": 4e-3}
     gb = 2**30
+    amp = "float32 weights, bfloat16 autocast"
 
-    def run(base, dense, machine, step_s, rise_gb, score, seed=0):
+    def run(base, dense, machine, step_s, rise_gb, score, seed=0, dtype=amp):
         return ({**lora, "seed": seed, "base": base, "dense_base": dense, "provenance": machine,
+                 "dtype": dtype,
                  "step_s": step_s,
                  "memory_increase_bytes": rise_gb * gb, "peak_memory_bytes": 2 * rise_gb * gb,
                  "eval_s": 60.0, "score": score}, "1100")
@@ -358,13 +360,17 @@ def test_the_4bit_paths_cost_is_set_beside_its_dense_stand_in_on_the_same_machin
             run("int4", None, avx2, 30.0, 3, 0.5), run("int4", True, cpu, 4.0, 6, 0.6),  # nor these
             run("nf4", None, unknown, 6.0, 3, 0.5, seed=1),  # nor a CPU not named
             run("nf4", True, unknown, 4.0, 6, 0.6, seed=1),
+            run("nf4", None, cpu, 13.0, 3, 0.5, seed=2, dtype="float32"),  # nor fp32 with bf16
+            run("nf4", True, cpu, 4.0, 6, 0.6, seed=2),
             run("float", None, cpu, 4.0, 6, 0.6)]
     _, records = evidence.test_runs(_file(tmp_path, runs).rename(tmp_path / "qlora_record.jsonl"))
     table = evidence.four_bit_path_costs(records)
     assert list(table["base"]) == ["NF4 + DQ"] and list(table["seed"]) == [0]  # the others: other
-    # machines (FP4: GPU and CPU; Int4: AVX2 and AVX512), or CPUs not recorded (NF4, seed 1)
+    # machines (FP4: GPU and CPU; Int4: AVX2 and AVX512), CPUs not recorded (NF4, seed 1), or
+    # other dtypes (NF4, seed 2: fp32 beside bf16 autocast)
     row = table.iloc[0]
     assert (row["time x"], row["memory rise x"]) == (1.5, 0.5)
     assert (row["memory rise (GB), 4-bit codes"], row["peak (GB), dense Q(W0)"]) == (3, 12)
     assert row["machine"] == "CPU, 2 threads" and row["exact, dense Q(W0)"] == 0.6
+    assert row["dtype"] == amp
     assert evidence.four_bit_path_costs([]).empty

@@ -655,12 +655,13 @@ def _same_machine(a: dict, b: dict) -> bool:
 
 def four_bit_path_costs(runs: Sequence[dict]) -> pd.DataFrame:
     """Each run of record trained on the 4-bit codes (``dense_base`` None) beside the dense Q(W0)
-    run of the same configuration and seed, made on the same machine (chapter 6): median seconds
+    run of the same configuration, seed and dtype (fp32, or bf16 autocast), made on the same
+    machine (chapter 6): median seconds
     per step, the process's memory rise during training and its peak (CUDA's max allocated on a
     GPU, the process's peak RSS on a CPU, which includes loading the fp32 model before
     quantizing it), exact match, and the ratios 4-bit path / dense. One seed each: a measurement,
     not a verdict. A 4-bit run without such a partner is left out."""
-    fields = ("method", "r", "targets", "scaling", "base", "seed", "lr")
+    fields = ("method", "r", "targets", "scaling", "base", "seed", "lr", "dtype")
     rows = []
     for codes in runs:
         if codes.get("base") in (None, "float") or codes.get("dense_base") is not None:
@@ -674,7 +675,7 @@ def four_bit_path_costs(runs: Sequence[dict]) -> pd.DataFrame:
         rows.append({
             "base": FORMAT_NAMES.get(codes["base"], codes["base"]), "r": codes.get("r"),
             "targets": codes.get("targets"), "seed": codes.get("seed"), "steps": codes.get("steps"),
-            "machine": _machine(codes["provenance"]),
+            "machine": _machine(codes["provenance"]), "dtype": codes.get("dtype"),
             "s / step, 4-bit codes": codes["step_s"], "s / step, dense Q(W0)": d["step_s"],
             "time x": codes["step_s"] / d["step_s"],
             "memory rise (GB), 4-bit codes": codes["memory_increase_bytes"] / gb,
