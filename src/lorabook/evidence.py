@@ -656,11 +656,10 @@ def _same_machine(a: dict, b: dict) -> bool:
 def four_bit_path_costs(runs: Sequence[dict]) -> pd.DataFrame:
     """Each run of record trained on the 4-bit codes (``dense_base`` None) beside the dense Q(W0)
     run of the same configuration, seed and dtype (fp32, or bf16 autocast), made on the same
-    machine (chapter 6): median seconds
-    per step, the process's memory rise during training and its peak (CUDA's max allocated on a
-    GPU, the process's peak RSS on a CPU, which includes loading the fp32 model before
-    quantizing it), exact match, and the ratios 4-bit path / dense. One seed each: a measurement,
-    not a verdict. A 4-bit run without such a partner is left out."""
+    machine (chapter 6): median seconds per step, the process's memory rise during training and
+    its peak (CUDA's max allocated on a GPU, the process's peak RSS on a CPU, which includes
+    loading the fp32 model before quantizing it), exact match, and the ratios 4-bit path / dense.
+    One seed each: a measurement, not a verdict. A 4-bit run without such a partner is left out."""
     fields = ("method", "r", "targets", "scaling", "base", "seed", "lr", "dtype")
     rows = []
     for codes in runs:
